@@ -1,0 +1,215 @@
+"""The ``diffusion-accel`` command line: generate, list-methods, info, bench, calibrate, testbed, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PIPELINE = "testbed:pixart"
+FALLBACK_PIPELINE = "tiny:pixart_alpha"
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def default_pipeline() -> str:
+    """The shipped testbed pipeline when its assets are installed, else the offline tiny PixArt."""
+    try:
+        from .pipelines.testbed.registry import testbed_path
+
+        testbed_path("pixart")
+        return DEFAULT_PIPELINE
+    except Exception:
+        return FALLBACK_PIPELINE
+
+
+def method_configs(methods: list[str] | None, config_files: list[str] | None, options: dict[str, Any]) -> list:
+    from .config import parse_config
+
+    specs: list[Any] = [m for m in (methods or []) if m and m != "baseline"] + list(config_files or [])
+    if options and len(specs) != 1:
+        raise SystemExit("--set needs exactly one --method or --config")
+    return [parse_config(spec, **options) for spec in specs]
+
+
+def save_output(output: Any, out_dir: Path, stem: str, video_format: str = "gif", fps: int = 8) -> list[Path]:
+    """Save a pipeline output: images as PNG, videos as GIF (Pillow) or MP4 (OpenCV)."""
+    import numpy as np
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    if hasattr(output, "frames"):
+        for i, video in enumerate(output.frames):
+            frames = [np.asarray(f) if not isinstance(f, np.ndarray) else f for f in video]
+            frames = [(f * 255).round().clip(0, 255).astype("uint8") if f.dtype != np.uint8 else f for f in frames]
+            path = out_dir / f"{stem}_{i}.{video_format}"
+            if video_format == "gif":
+                images = [Image.fromarray(f) for f in frames]
+                images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+            else:
+                import cv2
+
+                h, w = frames[0].shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                for f in frames:
+                    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+                writer.release()
+            paths.append(path)
+    else:
+        for i, image in enumerate(output.images):
+            path = out_dir / f"{stem}_{i}.png"
+            image.save(path)
+            paths.append(path)
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffusion_accel as da
+
+    name = args.pipeline or default_pipeline()
+    pipe = da.load_pipeline(name)
+    configs = method_configs(args.method, args.config, _parse_set(args.set))
+    adapter = da.find_adapter(pipe)
+    call: dict[str, Any] = {"num_inference_steps": args.steps}
+    if name.startswith("tiny:"):
+        from .testing import tiny_call_kwargs
+
+        call = {**tiny_call_kwargs(adapter.family), **{k: v for k, v in call.items() if v is not None}}
+    if adapter.family == "dit":
+        call["class_labels"] = pipe.get_label_ids(args.prompt) if args.prompt else [0]
+    else:
+        call["prompt"] = args.prompt or ["a red circle"]
+    for key in ("height", "width", "num_frames"):
+        if getattr(args, key, None):
+            call[key] = getattr(args, key)
+    if args.guidance_scale is not None:
+        call[adapter.cfg_scale_arg] = args.guidance_scale
+    call = {k: v for k, v in call.items() if v is not None}
+    call["generator"] = torch.Generator().manual_seed(args.seed)
+    handle = da.apply(pipe, *configs) if configs else None
+    output = pipe(**call)
+    paths = save_output(output, Path(args.out), f"seed{args.seed}", args.video_format)
+    if handle is not None:
+        print(da.stats(pipe))
+        handle.remove()
+    for path in paths:
+        print(f"saved {path}")
+    return 0
+
+
+def cmd_list_methods(args: argparse.Namespace) -> int:
+    import diffusion_accel as da
+
+    if args.pipeline:
+        pipe = da.load_pipeline(args.pipeline)
+        names = da.list_methods(pipe)
+    else:
+        names = da.list_methods()
+    classes = da.registered_methods()
+    for name in names:
+        print(f"{name:<20} {classes[name].summary}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import diffusion_accel as da
+
+    pipe = da.load_pipeline(args.pipeline)
+    adapter = da.find_adapter(pipe)
+    blocks = adapter.get_blocks(pipe)
+    info = {
+        "pipeline": type(pipe).__name__,
+        "family": adapter.family,
+        "denoiser": f"{adapter.denoiser} ({type(adapter.get_denoiser(pipe)).__name__})",
+        "blocks": f"{len(blocks)} in {', '.join(adapter.block_lists) or '-'}",
+        "cfg_layout": adapter.cfg_layout,
+        "prediction": adapter.prediction,
+        "scheduler": type(pipe.scheduler).__name__,
+        "methods": ", ".join(da.list_methods(pipe)),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:<12} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-accel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images/videos with an (accelerated) pipeline")
+    gen.add_argument("--pipeline", help=f"path, Hub id, tiny:<family> or testbed:<name> (default: {DEFAULT_PIPELINE}"
+                                        f" if installed, else {FALLBACK_PIPELINE})")
+    gen.add_argument("--method", action="append", help="registered method name (repeatable)")
+    gen.add_argument("--config", action="append", help="method config file (.json/.yaml; repeatable)")
+    gen.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the one method")
+    gen.add_argument("--prompt", action="append", help="prompt (repeatable); DiT: class label names")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--num-frames", type=int)
+    gen.add_argument("--video-format", choices=("gif", "mp4"), default="gif")
+    gen.add_argument("--out", default="out")
+    gen.set_defaults(func=cmd_generate)
+
+    lm = sub.add_parser("list-methods", help="registered methods, or those that apply to --pipeline")
+    lm.add_argument("--pipeline")
+    lm.set_defaults(func=cmd_list_methods)
+
+    info = sub.add_parser("info", help="the adapter found for a pipeline and the methods that apply")
+    info.add_argument("pipeline")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    _add_optional_parsers(sub)
+    return parser
+
+
+def _add_optional_parsers(sub: Any) -> None:
+    """Sub-commands that live in other packages of the project (bench, calibrate, testbed, eval)."""
+    from importlib import import_module
+
+    for module, function in (
+        ("diffusion_accel.bench", "add_bench_parser"),
+        ("diffusion_accel.calibrate", "add_calibrate_parser"),
+        ("diffusion_accel.pipelines.testbed.cli", "add_testbed_parser"),
+        ("diffusion_accel.eval.cli", "add_eval_parser"),
+    ):
+        try:
+            add = getattr(import_module(module), function)
+        except (ImportError, AttributeError):
+            continue
+        add(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

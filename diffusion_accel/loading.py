@@ -1,0 +1,53 @@
+"""``load_pipeline``: Diffusers' ``from_pretrained`` plus the project's own names (``tiny:<family>``, ``testbed:<name>``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _testbed_path(name: str) -> Path:
+    try:
+        from .pipelines.testbed.registry import testbed_path
+    except ImportError as exc:  # the testbed package is optional until its assets exist
+        raise ValueError(f"The testbed is not available in this install ({exc}).") from exc
+    return testbed_path(name)
+
+
+def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
+    """Load a pipeline by Hub-style path, local folder, or project name.
+
+    * ``tiny:<family>``: a tiny random pipeline built offline (``diffusion_accel.testing.FAMILIES``);
+      ``seed=`` picks its weights.
+    * ``testbed:<name>``: a shipped tiny trained pipeline (``testbed:pixart``, ``testbed:flow``); ``tier="speed"``
+      gives the compute-realistic random-weight preset of the same architecture.
+    * anything else goes to ``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)``.
+    """
+    text = str(name_or_path)
+    if text.startswith("tiny:"):
+        from .pipelines.tiny import FAMILIES, tiny_pipeline
+
+        family = text.split(":", 1)[1]
+        if family not in FAMILIES:
+            raise ValueError(f"Unknown tiny family {family!r}. Choose one of: {', '.join(FAMILIES)}.")
+        return tiny_pipeline(family, seed=int(kwargs.pop("seed", 0)))
+    if text.startswith("testbed:"):
+        name = text.split(":", 1)[1]
+        tier = kwargs.pop("tier", "quality")
+        if tier == "speed":
+            from .pipelines.testbed.models import build_speed_pipeline
+
+            return build_speed_pipeline(name, seed=int(kwargs.pop("seed", 0)))
+        if tier != "quality":
+            raise ValueError(f"Unknown testbed tier {tier!r}; use 'quality' or 'speed'.")
+        text = str(_testbed_path(name))
+    from diffusers import DiffusionPipeline
+
+    path = Path(text)
+    if not path.exists() and text.count("/") != 1:
+        raise ValueError(
+            f"{text!r} is neither a local folder nor a Hub id (org/name), nor a project name "
+            "('tiny:<family>' or 'testbed:<name>')."
+        )
+    pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
+    return pipe

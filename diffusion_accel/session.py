@@ -1,0 +1,273 @@
+"""The hook engine: one :class:`AccelSession` per patched pipeline.
+
+Everything is built on Diffusers' ``HookRegistry`` / ``ModelHook`` so that our hooks stack with Diffusers' own
+(group offloading, layerwise casting, its caches). Two things Diffusers has no hook for are handled here:
+
+* **Pipeline calls.** State must reset at every ``pipe(...)`` and we need the call's arguments (CFG scale,
+  negative prompt). Python looks ``__call__`` up on the type, so an instance attribute cannot intercept it; the
+  session swaps the pipeline's class for a same-named subclass whose ``__call__`` brackets the original, and
+  restores the original class on removal.
+* **The step context.** An outermost hook on the denoiser derives the sampling step from the timestep and the
+  scheduler (see :mod:`diffusion_accel.context`), labels every batch row with its CFG branch and sample, and, for
+  pipelines that never call ``cache_context`` (PixArt, SD3, ...), sets a Diffusers ``CacheContext`` so that
+  Diffusers' caches work on them too.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+
+from .config import MethodConfig
+from .context import StepContext, TimestepResolver
+from .method import Method
+from .pipelines.adapters import ModelAdapter
+from .stats import CallStats
+
+SESSION_ATTR = "_diffusion_accel_session"
+_CONTEXT_HOOK = "diffusion_accel.context"
+_BLOCK_COUNTER_HOOK = "diffusion_accel.block_counter"
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class DenoiserContextHook(ModelHook):
+    """Outermost hook on the denoiser: computes the :class:`StepContext`, records NFE and time per step.
+
+    It is stateful only so that Diffusers' ``cache_context`` reaches its ``StateManager`` and tells us which
+    separate CFG pass ("cond"/"uncond") is running.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, session: AccelSession) -> None:
+        super().__init__()
+        self.session = session
+        self.state_manager = StateManager(_NoState)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.session.run_forward(self.fn_ref.original_forward, module, args, kwargs,
+                                        self.state_manager._context)
+
+
+class BlockCounterHook(ModelHook):
+    """Innermost hook on every transformer block: counts blocks that actually ran."""
+
+    def __init__(self, session: AccelSession, index: int) -> None:
+        super().__init__()
+        self.session = session
+        self.index = index
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.session.stats.record_block_run(self.index)
+        return args, kwargs
+
+
+@functools.cache
+def _accelerated_class(cls: type) -> type:
+    """A subclass of ``cls`` with the same name whose ``__call__`` runs inside the pipeline's session."""
+    original_call = cls.__call__
+
+    @functools.wraps(original_call)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = self.__dict__.get(SESSION_ATTR)
+        if session is None:
+            return original_call(self, *args, **kwargs)
+        return session.run_call(original_call, self, args, kwargs)
+
+    return type(cls.__name__, (cls,), {
+        "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "_diffusion_accel_original_class": cls,
+    })
+
+
+class AccelSession:
+    """The methods attached to one pipeline, their hooks, the step context and the call statistics."""
+
+    def __init__(self, pipe: Any, adapter: ModelAdapter, configs: list[MethodConfig]) -> None:
+        self.pipe = pipe
+        self.adapter = adapter
+        self.configs = configs
+        self.methods: list[Method] = [config.build() for config in configs]
+        self.context = StepContext()
+        self.resolver = TimestepResolver(adapter.timestep_scale)
+        self.stats = CallStats(methods=[m.name for m in self.methods])
+        self.last_stats: CallStats | None = None
+        self.call_args: dict[str, Any] = {}
+        # Everything attach() did, undone in reverse order by detach(): hooks wrap each other, so the outermost
+        # must come off first (Diffusers' HookRegistry does not re-link a `new_forward` hook's original_forward).
+        self._undo: list[Callable[[], None]] = []
+        self._original_class: type | None = None
+        self._snapshot: dict[int, tuple[bool, bool]] = {}
+        self._timestep_position: int | None = None
+        self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
+        self.attached = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.adapter.get_denoiser(self.pipe)
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return self.adapter.get_blocks(self.pipe)
+
+    # ------------------------------------------------------------------ hooks
+    def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        """Register ``hook`` on ``module`` under ``name``; :meth:`detach` removes it again."""
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, name)
+        self._undo.append(functools.partial(registry.remove_hook, name, recurse=False))
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = {
+            id(m): (hasattr(m, "_diffusers_hook"), "forward" in m.__dict__) for m in self.denoiser.modules()
+        }
+
+    def _restore_snapshot(self) -> None:
+        """Drop hook registries and instance ``forward`` attributes that did not exist before we attached."""
+        for module in self.denoiser.modules():
+            had_registry, had_forward = self._snapshot.get(id(module), (False, False))
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is None or had_registry or registry.hooks:
+                continue
+            del module._diffusers_hook
+            forward = module.__dict__.get("forward")
+            if not had_forward and forward is not None and getattr(forward, "__self__", None) is module:
+                del module.forward
+        if hasattr(self.denoiser, "_diffusers_hook"):
+            self.denoiser._diffusers_hook.invalidate_child_registries_cache()
+
+    def attach(self) -> None:
+        """Attach every method, then the context hook (outermost), then intercept pipeline calls."""
+        self._take_snapshot()
+        try:
+            for index, block in enumerate(self.blocks):
+                self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
+            for method in sorted(self.methods, key=lambda m: -m.priority):
+                self._undo.append(functools.partial(method.detach, self))
+                method.attach(self)
+            self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
+            self._original_class = type(self.pipe)
+            object.__setattr__(self.pipe, SESSION_ATTR, self)
+            object.__setattr__(self.pipe, "__class__", _accelerated_class(self._original_class))
+        except Exception:
+            self.detach()
+            raise
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove every hook and change, leaving the pipeline exactly as before :meth:`attach`."""
+        if self._original_class is not None:
+            object.__setattr__(self.pipe, "__class__", self._original_class)
+            self._original_class = None
+        if SESSION_ATTR in self.pipe.__dict__:
+            object.__delattr__(self.pipe, SESSION_ATTR)
+        errors: list[BaseException] = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as exc:  # keep going: the pipeline must be restored as far as possible
+                errors.append(exc)
+        self._restore_snapshot()
+        self.attached = False
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------ pipeline calls
+    def run_call(self, original_call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            bound = inspect.signature(original_call).bind(pipe, *args, **kwargs)
+            bound.apply_defaults()
+            call_args = dict(bound.arguments)
+            call_args.update(call_args.pop("kwargs", {}) or {})
+        except TypeError:
+            return original_call(pipe, *args, **kwargs)  # let the pipeline raise its own error
+        self.begin_call(call_args)
+        try:
+            return original_call(pipe, *args, **kwargs)
+        finally:
+            self.end_call()
+
+    def begin_call(self, call_args: dict[str, Any]) -> None:
+        self.call_args = call_args
+        previous = self.context.call_index
+        self.context = StepContext(call_index=previous + 1, cfg_mode=self.adapter.cfg_mode(call_args))
+        self.resolver.reset()
+        self.stats = CallStats(methods=[m.name for m in self.methods])
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+        for method in self.methods:
+            method.on_call_begin(self)
+
+    def end_call(self) -> None:
+        for method in self.methods:
+            method.on_call_end(self)
+        self.stats.finish()
+        self.last_stats = self.stats
+
+    # ------------------------------------------------------------------ denoiser forwards
+    def _timestep_argument(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        if self._timestep_position is None:
+            params = list(inspect.signature(type(module).forward).parameters)[1:]
+            self._timestep_position = params.index("timestep") if "timestep" in params else -1
+        if 0 <= self._timestep_position < len(args):
+            return args[self._timestep_position]
+        return None
+
+    def _rows(self, batch: int, branch_name: str | None) -> tuple[str, list[tuple[str, int]]]:
+        mode = self.context.cfg_mode
+        if mode == "batched" and batch % 2 == 0:
+            half = batch // 2
+            first, second = ("uncond", "cond") if self.adapter.uncond_first else ("cond", "uncond")
+            return "batched", [(first, i) for i in range(half)] + [(second, i) for i in range(half)]
+        branch = branch_name if branch_name in ("cond", "uncond") else "cond"
+        return branch, [(branch, i) for i in range(batch)]
+
+    def run_forward(self, forward: Callable[..., Any], module: torch.nn.Module, args: tuple, kwargs: dict,
+                    diffusers_context: CacheContext | None) -> Any:
+        ctx = self.context
+        scheduler = getattr(self.pipe, "scheduler", None)
+        step, num_steps, timestep, new_schedule = self.resolver.resolve(
+            scheduler, self._timestep_argument(module, args, kwargs)
+        )
+        if new_schedule and self.resolver.schedules_seen > 1:
+            ctx.stage += 1
+            for method in self.methods:
+                method.on_stage_begin(self)
+        if diffusers_context is not None and diffusers_context.step_index is not None:
+            step = int(diffusers_context.step_index)
+            num_steps = int(diffusers_context.num_inference_steps or num_steps)
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else 0
+        ctx.step_index, ctx.num_steps, ctx.timestep = step, num_steps, timestep
+        ctx.sigma = self.resolver.sigma_at(scheduler, step)
+        ctx.branch, ctx.rows = self._rows(batch, diffusers_context.name if diffusers_context else None)
+        ctx.num_samples = max(ctx.num_samples, 1 + max((s for _, s in ctx.rows), default=-1))
+        self.stats.begin_forward(ctx.stage, step, timestep, batch, len(self.blocks))
+
+        set_context = self._set_diffusers_context and diffusers_context is None
+        if set_context:
+            _set_cache_context(module, CacheContext(
+                ctx.branch, step_index=step, num_inference_steps=num_steps, timestep=timestep, sigma=ctx.sigma,
+            ))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            if set_context:
+                _set_cache_context(module, None)
+            self.stats.end_forward()

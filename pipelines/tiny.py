@@ -1,0 +1,314 @@
+"""Tiny random pipelines of every supported family, built offline from configs.
+
+Each builder returns the family's *real* Diffusers pipeline class (``PixArtAlphaPipeline``, ``FluxPipeline``,
+``WanPipeline``, ...) with tiny random components and tokenizers built in code, so tests exercise exactly the code
+path a user's ``from_pretrained`` pipeline takes, with no network. Sizes follow Diffusers' own dummy components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer
+
+_TEXT_DIM = 32
+
+
+def _t5(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def _umt5(seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval(), tokenizer
+
+
+def _clip(seed: int, with_projection: bool = False, hidden: int = _TEXT_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=hidden, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval(), tokenizer
+
+
+def _vae_2d(seed: int, latent_channels: int = 4, **kw: Any):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32, **kw,
+    ).eval()
+
+
+def _dit(seed: int):
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, norm_num_groups=8, num_embeds_ada_norm=1000,
+    )
+    scheduler = DPMSolverMultistepScheduler()
+    return DiTPipeline(transformer=transformer.eval(), vae=_vae_2d(seed), scheduler=scheduler,
+                       id2label={0: "cat", 1: "dog", 2: "horse", 3: "astronaut"})
+
+
+def _pixart(seed: int, sigma: bool):
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=_TEXT_DIM, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    text_encoder, tokenizer = _t5(seed)
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae_2d(seed), transformer=transformer.eval(),
+               scheduler=DPMSolverMultistepScheduler())
+
+
+def _sd3(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    text_encoder, tokenizer = _clip(seed, with_projection=True)
+    text_encoder_2, tokenizer_2 = _clip(seed + 1, with_projection=True)
+    text_encoder_3, tokenizer_3 = _t5(seed)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae_2d(seed, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
+def _flux(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+    )
+    text_encoder, tokenizer = _clip(seed)
+    text_encoder_2, tokenizer_2 = _t5(seed)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae_2d(seed, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+
+
+def _cogvideox(seed: int):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    text_encoder, tokenizer = _t5(seed)
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
+                             transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
+
+
+def _wan(seed: int):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    text_encoder, tokenizer = _umt5(seed)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(),
+                       vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _hunyuan_video(seed: int):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    tokenizer = build_llama_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )).eval()
+    text_encoder_2, tokenizer_2 = _clip(seed, hidden=8)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )
+
+
+def _ltx_video(seed: int):
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=2, caption_channels=_TEXT_DIM,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    )
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    text_encoder, tokenizer = _t5(seed)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                       tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _sd(seed: int):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=_TEXT_DIM, norm_num_groups=4, attention_head_dim=4,
+    )
+    text_encoder, tokenizer = _clip(seed)
+    return StableDiffusionPipeline(
+        vae=_vae_2d(seed), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=DPMSolverMultistepScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+_BUILDERS: dict[str, Callable[[int], Any]] = {
+    "dit": _dit,
+    "pixart_alpha": lambda seed: _pixart(seed, sigma=False),
+    "pixart_sigma": lambda seed: _pixart(seed, sigma=True),
+    "sd3": _sd3,
+    "flux": _flux,
+    "cogvideox": _cogvideox,
+    "wan": _wan,
+    "hunyuan_video": _hunyuan_video,
+    "ltx_video": _ltx_video,
+    "sd": _sd,
+}
+
+#: Every family a tiny pipeline can be built for.
+FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+#: Small call arguments that make each tiny pipeline run in well under a second.
+TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
+    "dit": {"class_labels": [1], "num_inference_steps": 4, "guidance_scale": 4.0},
+    "pixart_alpha": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                     "max_sequence_length": 16, "use_resolution_binning": False},
+    "pixart_sigma": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                     "max_sequence_length": 16, "use_resolution_binning": False},
+    "sd3": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16},
+    "flux": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
+             "negative_prompt": "blurry", "max_sequence_length": 16},
+    "cogvideox": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+                  "max_sequence_length": 16},
+    "wan": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+            "max_sequence_length": 16},
+    "hunyuan_video": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+                      "max_sequence_length": 16},
+    "ltx_video": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+                  "max_sequence_length": 16},
+    "sd": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0},
+}
+
+
+def tiny_pipeline(family: str, seed: int = 0):
+    """Build the tiny random pipeline of ``family`` (one of :data:`FAMILIES`) with no network access."""
+    if family not in _BUILDERS:
+        raise ValueError(f"Unknown tiny family {family!r}. Choose one of: {', '.join(FAMILIES)}.")
+    pipe = _BUILDERS[family](seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_call_kwargs(family: str, prompt: str = "a red circle") -> dict[str, Any]:
+    """Arguments for a fast call of ``tiny_pipeline(family)``: a prompt (DiT: a class label) and small sizes."""
+    kwargs = dict(TINY_CALL_KWARGS[family])
+    if family != "dit":
+        kwargs["prompt"] = prompt
+    return kwargs
