@@ -1,4 +1,4 @@
-"""``load_pipeline``: Diffusers' ``from_pretrained`` plus the project's own names (``tiny:<family>``, ``testbed:<name>``)."""
+"""``load_pipeline``: ``from_pretrained`` plus the project names ``tiny:<family>`` and ``testbed:<name>``."""
 
 from __future__ import annotations
 

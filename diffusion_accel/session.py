@@ -142,12 +142,13 @@ class AccelSession:
         for module in self.denoiser.modules():
             had_registry, had_forward = self._snapshot.get(id(module), (False, False))
             registry = module.__dict__.get("_diffusers_hook")
-            if registry is None or had_registry or registry.hooks:
-                continue
-            del module._diffusers_hook
+            if registry is not None and registry.hooks:
+                continue  # hooks that are not ours are still there: leave the module alone
             forward = module.__dict__.get("forward")
             if not had_forward and forward is not None and getattr(forward, "__self__", None) is module:
-                del module.forward
+                del module.forward  # HookRegistry leaves the original bound method as an instance attribute
+            if registry is not None and not had_registry:
+                del module._diffusers_hook
         if hasattr(self.denoiser, "_diffusers_hook"):
             self.denoiser._diffusers_hook.invalidate_child_registries_cache()
 

@@ -1,0 +1,45 @@
+"""The ``diffusion-accel`` command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+from diffusion_accel.cli import main
+
+
+def test_list_methods(capsys):
+    assert main(["list-methods"]) == 0
+    out = capsys.readouterr().out
+    assert "delta_cache" in out and "fbcache" in out
+
+
+def test_list_methods_for_a_pipeline(capsys):
+    assert main(["list-methods", "--pipeline", "tiny:sd"]) == 0
+    assert "delta_cache" not in capsys.readouterr().out
+
+
+def test_info_json(capsys):
+    assert main(["info", "tiny:flux", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "flux" and info["cfg_layout"] == "separate" and "delta_cache" in info["methods"]
+
+
+def test_generate_image_with_method(tmp_path, capsys):
+    code = main(["generate", "--pipeline", "tiny:pixart_alpha", "--method", "delta_cache", "--set", "interval=2",
+                 "--prompt", "a red circle", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "NFE 4" in out and (tmp_path / "seed0_0.png").is_file()
+
+
+def test_generate_video_gif(tmp_path):
+    assert main(["generate", "--pipeline", "tiny:wan", "--out", str(tmp_path)]) == 0
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "seed0_0.gif")
+    assert gif.n_frames == 9
+
+
+def test_generate_bad_method_is_a_clean_error(tmp_path, capsys):
+    code = main(["generate", "--pipeline", "tiny:pixart_alpha", "--method", "nope", "--out", str(tmp_path)])
+    assert code == 2 and "Unknown method 'nope'" in capsys.readouterr().err
