@@ -48,6 +48,7 @@ class CallStats:
     extra: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.perf_counter)
     _current: StepStats | None = None
+    blocks_per_forward: int = 0
 
     def begin_forward(self, stage: int, step: int, timestep: float, rows: int, blocks_total: int) -> StepStats:
         now = time.perf_counter()
@@ -60,10 +61,18 @@ class CallStats:
             self.steps[key] = record
         self._current = record
         record.nfe += 1
+        self.blocks_per_forward = blocks_total
         record.rows += rows
         record.blocks_total += blocks_total
         self.nfe += 1
         return record
+
+    def discount_forward(self) -> None:
+        """The current forward was answered without running the denoiser (e.g. a skipped uncond pass)."""
+        if self._current is not None:
+            self._current.nfe -= 1
+            self.nfe -= 1
+            self._current.blocks_total -= self.blocks_per_forward
 
     def end_forward(self) -> None:
         if self._current is not None:
@@ -79,8 +88,10 @@ class CallStats:
             self._current.block_runs[index] = self._current.block_runs.get(index, 0) + 1
 
     def record_uncond_skipped(self, rows: int) -> None:
+        """``rows`` unconditional rows of the current forward were not computed."""
         if self._current is not None:
             self._current.uncond_skipped += rows
+            self._current.rows -= rows
 
     def to_dict(self) -> dict[str, Any]:
         steps = []
