@@ -116,7 +116,7 @@ class GuidanceMethodBase(Method):
 
     def observe(self, samples: list[int], step: int, cond: torch.Tensor, uncond: torch.Tensor,
                 x_t: torch.Tensor | None) -> None:
-        """Called with true cond/uncond predictions (rows aligned with ``samples``)."""
+        """Called with true cond/uncond denoiser outputs (full channels; rows aligned with ``samples``)."""
 
     # -------------------------------------------------------------- helpers
     def _channels(self, pred: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +158,7 @@ class GuidanceMethodBase(Method):
             c = torch.stack([pred[position[("cond", i)]] for i in guided])
             u = torch.stack([pred[position[("uncond", i)]] for i in guided])
             xs = None if x_t is None else torch.stack([x_t[position[("cond", i)]] for i in guided])
-            self.observe(guided, step, self._channels(c, xs), self._channels(u, xs), xs)
+            self.observe(guided, step, c, u, xs)
         if len(keep) == len(rows):
             return output
         pieces = []
@@ -181,8 +181,7 @@ class GuidanceMethodBase(Method):
         _, first_branch, first_output, first_x = first
         if first_branch != "cond":  # an uncond-first pipeline: nothing can be skipped, only observed
             output = original(*args, **kwargs)
-            self.observe([i for _, i in rows], step, self._channels(output_sample(output), x_t),
-                         self._channels(output_sample(first_output), first_x), x_t)
+            self.observe([i for _, i in rows], step, output_sample(output), output_sample(first_output), x_t)
             return output
         cond_pred = output_sample(first_output)
         needed = [r for r, (_, i) in enumerate(rows) if self.uncond_needed(i, step)]
@@ -212,8 +211,8 @@ class GuidanceMethodBase(Method):
         samples = [rows[r][1] for r in needed]
         index = torch.tensor(needed, dtype=torch.long)
         xs = None if x_t is None else x_t.index_select(0, index.to(x_t.device))
-        self.observe(samples, step, self._channels(cond_pred.index_select(0, index.to(cond_pred.device)), xs),
-                     self._channels(pred.index_select(0, index.to(pred.device)), xs), xs)
+        self.observe(samples, step, cond_pred.index_select(0, index.to(cond_pred.device)),
+                     pred.index_select(0, index.to(pred.device)), xs)
         return output
 
 
@@ -248,6 +247,7 @@ class AdaptiveGuidanceMethod(GuidanceMethodBase):
         if self.config.threshold >= 1.0 or x_t is None:
             return
         ctx = self.session.context
+        cond, uncond = self._channels(cond, x_t), self._channels(uncond, x_t)
         space_c = convert_prediction(cond, x_t, self.session.adapter.prediction, self.config.space,
                                      scheduler=self.session.pipe.scheduler, timestep=ctx.timestep, sigma=ctx.sigma)
         space_u = convert_prediction(uncond, x_t, self.session.adapter.prediction, self.config.space,
