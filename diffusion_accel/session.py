@@ -197,9 +197,13 @@ class AccelSession:
             call_args.update(call_args.pop("kwargs", {}) or {})
         except TypeError:
             return original_call(pipe, *args, **kwargs)  # let the pipeline raise its own error
+        call = original_call
+        for method in self.methods:  # methods that re-shape the whole call (bottleneck stages) wrap it
+            if hasattr(method, "wrap_call"):
+                call = functools.partial(method.wrap_call, self, call)
         self.begin_call(call_args)
         try:
-            return original_call(pipe, *args, **kwargs)
+            return call(pipe, *args, **kwargs)
         finally:
             self.end_call()
 

@@ -129,7 +129,7 @@ def _adapter_list() -> list[ModelAdapter]:
         ),
         ModelAdapter(
             family="ltx_video", pipeline_classes=("LTXPipeline",), prediction="flow",
-            latent_layout="packed_video", video=True,
+            latent_layout="packed_video", video=True, extra={"resolution_multiple": 32},  # LTXPipeline.check_inputs
         ),
         ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
