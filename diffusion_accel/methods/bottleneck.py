@@ -80,7 +80,7 @@ class BottleneckConfig(MethodConfig):
             if len(self.steps) != n:
                 raise ValueError(f"bottleneck steps needs one count per stage ({n}), got {self.steps}.")
             if any(int(s) < 1 for s in self.steps):
-                raise ValueError(f"bottleneck stages cannot be empty: every steps entry must be >= 1, got {self.steps}.")
+                raise ValueError(f"bottleneck stages cannot be empty: each steps entry must be >= 1, got {self.steps}.")
         elif len(self.step_fractions) != n or any(f <= 0 for f in self.step_fractions):
             raise ValueError(f"bottleneck step_fractions needs one positive value per stage ({n}).")
         if self.shifts is not None and (len(self.shifts) != n or any(s is not None and s <= 0 for s in self.shifts)):
