@@ -93,3 +93,14 @@ def test_composes_with_delta_cache_through_the_batch_shrinking():
     assert torch.isfinite(out).all()
     assert stats["uncond_skipped"] == 2 * 4  # both samples cond-only from step 2 of 6
     assert stats["blocks_run"] < stats["blocks_total"]
+
+
+def test_static_cfg_cutoff_matches_its_nfe_budget():
+    pipe = tiny_pipeline("pixart_alpha")
+    with da.accelerated(pipe, "cfg_cutoff", cutoff_step_ratio=0.5):
+        run_pipe(pipe, "pixart_alpha", num_inference_steps=8)
+        steps = da.stats(pipe)["steps"]
+    assert [s["uncond_skipped"] for s in steps] == [0] * 4 + [1] * 4
+    baseline = run_pipe(pipe, "pixart_alpha")
+    with da.accelerated(pipe, "cfg_cutoff", cutoff_step_ratio=1.0):
+        assert torch.equal(run_pipe(pipe, "pixart_alpha"), baseline)

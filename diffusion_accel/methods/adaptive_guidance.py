@@ -257,3 +257,48 @@ class AdaptiveGuidanceMethod(GuidanceMethodBase):
             self.gammas.setdefault(sample, []).append((step, value))
             if value >= self.config.threshold and step >= self.config.min_step and sample not in self.switch_step:
                 self.switch_step[sample] = step + 1
+
+
+@register_method
+@dataclass
+class CFGCutoffConfig(MethodConfig):
+    """Static CFG truncation: conditional-only from a fixed step on, for every sample.
+
+    The baseline adaptive guidance is judged against: Diffusers' ``SDCFGCutoffCallback`` and the guiders'
+    ``stop`` do the same with a fixed ``cutoff_step_ratio``.
+
+    Attributes:
+        cutoff_step_ratio: fraction of the steps after which the unconditional branch is dropped.
+        cutoff_step_index: an explicit step index instead of the ratio.
+    """
+
+    name: ClassVar[str] = "cfg_cutoff"
+    summary: ClassVar[str] = "Static CFG cutoff (Diffusers SDCFGCutoffCallback style): cond-only after a fixed step"
+    cutoff_step_ratio: float = 0.5
+    cutoff_step_index: int | None = None
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cutoff_step_ratio <= 1.0:
+            raise ValueError(f"cfg_cutoff cutoff_step_ratio must be in [0, 1], got {self.cutoff_step_ratio}.")
+        if self.cutoff_step_index is not None and self.cutoff_step_index < 0:
+            raise ValueError(f"cfg_cutoff cutoff_step_index must be >= 0, got {self.cutoff_step_index}.")
+
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        return guidance_not_applicable_reason(adapter, pipe)
+
+    def build(self) -> Method:
+        return CFGCutoffMethod(self)
+
+
+class CFGCutoffMethod(GuidanceMethodBase):
+    """Runtime of :class:`CFGCutoffConfig`."""
+
+    def __init__(self, config: CFGCutoffConfig) -> None:
+        super().__init__(config)
+        self.config: CFGCutoffConfig = config
+
+    def uncond_needed(self, sample: int, step: int) -> bool:
+        cutoff = self.config.cutoff_step_index
+        if cutoff is None:
+            cutoff = round(self.config.cutoff_step_ratio * self.session.context.num_steps)
+        return step < cutoff

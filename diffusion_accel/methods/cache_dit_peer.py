@@ -1,0 +1,108 @@
+"""cache-dit's DBCache as a peer, through the same ``apply`` (optional extra ``[peers]``).
+
+cache-dit patches the pipeline *class*'s ``__call__`` in pipeline mode; we use its transformer-only mode instead
+(so the pipeline class stays ours to manage) and refresh its context at every pipeline call with the call's step
+count, which is what its pipeline mode does internally.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import MethodConfig, register_method
+from ..method import Method
+
+if TYPE_CHECKING:
+    from ..pipelines.adapters import ModelAdapter
+    from ..session import AccelSession
+
+# Families where cache-dit 1.5.3's transformer-only mode applies *and* disable_cache restores the model exactly.
+# Left out: SD3 (transformer-only mode unsupported), DiT (its patch functor adds modules that disable_cache leaves),
+# Flux and HunyuanVideo (their patch functors rewrite block forwards in a way that outlives disable_cache: Diffusers'
+# FirstBlockCache then fails on the same model; see tests/test_families.py).
+_CACHE_DIT_FAMILIES = ("pixart_alpha", "pixart_sigma", "cogvideox", "wan", "ltx_video")
+
+
+@register_method
+@dataclass
+class DBCacheConfig(MethodConfig):
+    """cache-dit DBCache ("F{Fn}B{Bn}"): the first Fn blocks always run; their residual change gates the middle.
+
+    Attributes:
+        Fn_compute_blocks: Fn, leading blocks always computed.
+        Bn_compute_blocks: Bn, trailing blocks always computed.
+        residual_diff_threshold: relative L1 change below which the middle blocks are skipped.
+        max_warmup_steps: steps always computed at the start.
+        taylorseer: add cache-dit's TaylorSeer calibrator (order 1).
+    """
+
+    name: ClassVar[str] = "dbcache"
+    families: ClassVar[tuple[str, ...] | None] = _CACHE_DIT_FAMILIES
+    summary: ClassVar[str] = "cache-dit DBCache (peer; needs the [peers] extra)"
+    exclusive_group: ClassVar[str] = "diffusers_cache"
+    Fn_compute_blocks: int = 1
+    Bn_compute_blocks: int = 0
+    residual_diff_threshold: float = 0.08
+    max_warmup_steps: int = 4
+    taylorseer: bool = False
+
+    def validate(self) -> None:
+        if self.Fn_compute_blocks < 1 or self.Bn_compute_blocks < 0:
+            raise ValueError("dbcache needs Fn_compute_blocks >= 1 and Bn_compute_blocks >= 0.")
+        if self.residual_diff_threshold <= 0:
+            raise ValueError("dbcache residual_diff_threshold must be > 0.")
+
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        if importlib.util.find_spec("cache_dit") is None:
+            return "cache-dit is not installed (pip install 'diffusion-accel[peers]')"
+        reason = super().not_applicable_reason(adapter, pipe)
+        if reason is None:
+            depth = len(adapter.get_blocks(pipe))
+            if self.Fn_compute_blocks + self.Bn_compute_blocks >= depth:
+                return (f"Fn_compute_blocks + Bn_compute_blocks = {self.Fn_compute_blocks + self.Bn_compute_blocks} "
+                        f"leaves no block to cache in a {depth}-block model")
+        return reason
+
+    def build(self) -> Method:
+        return CacheDiTMethod(self)
+
+
+class CacheDiTMethod(Method):
+    priority = 40
+
+    def __init__(self, config: DBCacheConfig) -> None:
+        super().__init__(config)
+        self.config: DBCacheConfig = config
+
+    def _cache_config(self, steps: int, separate_cfg: bool) -> Any:
+        import cache_dit
+
+        return cache_dit.DBCacheConfig(
+            Fn_compute_blocks=self.config.Fn_compute_blocks, Bn_compute_blocks=self.config.Bn_compute_blocks,
+            residual_diff_threshold=self.config.residual_diff_threshold,
+            max_warmup_steps=self.config.max_warmup_steps, num_inference_steps=steps,
+            enable_separate_cfg=separate_cfg,
+        )
+
+    def attach(self, session: AccelSession) -> None:
+        import cache_dit
+
+        logging.getLogger("cache_dit").setLevel(logging.WARNING)
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if self.config.taylorseer else None
+        cache_dit.enable_cache(session.denoiser, cache_config=self._cache_config(
+            20, session.adapter.cfg_layout == "separate"), calibrator_config=calibrator)
+
+    def on_call_begin(self, session: AccelSession) -> None:
+        import cache_dit
+
+        steps = int(session.call_args.get("num_inference_steps") or 20)
+        separate = session.context.cfg_mode == "separate"
+        cache_dit.refresh_context(session.denoiser, cache_config=self._cache_config(steps, separate), verbose=False)
+
+    def detach(self, session: AccelSession) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(session.denoiser)
