@@ -123,3 +123,19 @@ def test_class_swap_is_transparent():
     with da.accelerated(pipe):
         assert isinstance(pipe, original) and type(pipe).__name__ == original.__name__
     assert type(pipe) is original
+
+
+def test_stacks_with_diffusers_group_offloading():
+    pipe = tiny_pipeline("flux")
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    baseline = run_pipe(pipe, "flux")
+    before = fingerprint(pipe)
+    with da.accelerated(pipe, "delta_cache", interval=1):
+        assert torch.equal(run_pipe(pipe, "flux"), baseline)
+    with da.accelerated(pipe, "delta_cache"):
+        cached = run_pipe(pipe, "flux")
+        assert da.stats(pipe)["blocks_run"] < da.stats(pipe)["blocks_total"]
+    assert torch.isfinite(cached).all()
+    assert fingerprint(pipe) == before
+    assert torch.equal(run_pipe(pipe, "flux"), baseline)
