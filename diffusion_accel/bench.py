@@ -38,13 +38,16 @@ class MethodSpec:
 
     label: str
     configs: list[Any] = field(default_factory=list)
+    #: Call arguments this entry changes (``steps=12``: the baseline with fewer steps, the honest comparison).
+    call_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_method_specs(text: str) -> list[MethodSpec]:
     """``"baseline,delta_cache,fbcache:threshold=0.1,delta_cache:interval=3:num_cached_blocks=0.5"``.
 
     Each comma-separated item is a method name (or a ``.json``/``.yaml`` config path) followed by ``:key=value``
-    overrides; ``+`` combines methods in one entry (``adaptive_guidance+delta_cache``). ``baseline`` is always run.
+    overrides; ``+`` combines methods in one entry (``adaptive_guidance+delta_cache``); ``steps=N`` is the baseline
+    run with N steps (same cost comparison). ``baseline`` is always run.
     """
     import yaml
 
@@ -53,6 +56,9 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
     specs = [MethodSpec("baseline")]
     for item in (part.strip() for part in text.split(",")):
         if not item or item == "baseline":
+            continue
+        if item.startswith("steps="):
+            specs.append(MethodSpec(item, [], {"num_inference_steps": int(item.split("=", 1)[1])}))
             continue
         configs = []
         for piece in item.split("+"):
@@ -219,6 +225,7 @@ def run_bench(
             batch = prompts[start : start + batch_size]
             kwargs = _call_kwargs(pipe, family, batch, steps, guidance_scale, size,
                                   [seed + start + i for i in range(len(batch))], tiny)
+            kwargs.update(spec.call_overrides)
             with _with_method(pipe, spec):
                 chunks.append(_to_uint8(_generate(pipe, kwargs)))
                 nfes.append(da.stats(pipe)["nfe"])
@@ -228,19 +235,20 @@ def run_bench(
     # 2. MACs: one call per method
     macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], steps, guidance_scale, size,
                                [seed + i for i in range(timing_batch)], tiny)
-    macs = {spec.label: count_denoiser_macs(pipe, macs_kwargs, spec) for spec in runnable}
+    macs = {spec.label: count_denoiser_macs(pipe, {**macs_kwargs, **spec.call_overrides}, spec) for spec in runnable}
 
     # 3. wall time: interleaved repeats (the order rotates every round), median per method
     times: dict[str, list[float]] = {spec.label: [] for spec in runnable}
     for spec in runnable:  # warm-up
         with _with_method(pipe, spec):
-            _generate(pipe, macs_kwargs)
+            _generate(pipe, {**macs_kwargs, **spec.call_overrides})
     for round_index in range(repeats):
         order = runnable[round_index % len(runnable):] + runnable[: round_index % len(runnable)]
         for spec in order:
+            call = {**macs_kwargs, **spec.call_overrides}
             with _with_method(pipe, spec):
                 start = time.perf_counter()
-                _generate(pipe, macs_kwargs)
+                _generate(pipe, call)
                 times[spec.label].append(time.perf_counter() - start)
 
     base = "baseline"
@@ -262,7 +270,8 @@ def run_bench(
             "pipeline": pipeline, "family": family, "tier": tier, "steps": steps, "num_prompts": len(prompts),
             "repeats": repeats, "guidance_scale": guidance_scale, "size": size, "seed": seed,
             "batch_size": batch_size, "timing_batch": timing_batch,
-            "methods": {s.label: [c.to_dict() for c in s.configs] for s in runnable},
+            "methods": {s.label: {"configs": [c.to_dict() for c in s.configs], "call_overrides": s.call_overrides}
+                        for s in runnable},
             "median_wall_s": {k: statistics.median(v) for k, v in times.items()},
             "denoiser_macs": macs,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

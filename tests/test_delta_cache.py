@@ -120,3 +120,18 @@ def test_presets_and_serialisation(tmp_path):
     loaded = da.parse_config(str(path))
     assert loaded == config
     assert da.parse_config(config.to_dict()) == config
+
+
+def test_few_step_lcm_preset():
+    """The paper's 4-step LCM-PixArt case: an LCM scheduler, the pixart-lcm-4 preset."""
+    from diffusers import LCMScheduler
+
+    pipe = tiny_pipeline("pixart_alpha")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    baseline = run_pipe(pipe, "pixart_alpha", guidance_scale=1.0)
+    with da.accelerated(pipe, "delta_cache", preset="pixart-lcm-4"):
+        out = run_pipe(pipe, "pixart_alpha", guidance_scale=1.0)
+        steps = da.stats(pipe)["steps"]
+    # b = 2: step 1 caches the rear range (outline stage), step 3 the front range (detail stage), N_c = 1 of 4
+    assert [s["blocks_skipped"] for s in steps] == [[], [3], [], [0]]
+    assert torch.isfinite(out).all() and not torch.equal(out, baseline)
