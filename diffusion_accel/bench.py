@@ -78,18 +78,35 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline calls
-def _call_kwargs(pipe: Any, family: str, prompts: list[str], steps: int, guidance: float | None,
-                 size: int | None, seeds: list[int], tiny: bool) -> dict[str, Any]:
+def base_call_kwargs(pipeline: str, tier: str = "quality") -> dict[str, Any]:
+    """Default call arguments of a project pipeline name (testbed defaults, tiny sizes); ``{}`` otherwise."""
+    if pipeline.startswith("tiny:"):
+        from .pipelines.tiny import tiny_call_kwargs
+
+        kwargs = tiny_call_kwargs(pipeline.split(":", 1)[1])
+        kwargs.pop("prompt", None)
+        return kwargs
+    if pipeline.startswith("testbed:"):
+        from .pipelines.testbed.models import speed_call_kwargs
+        from .pipelines.testbed.registry import default_call_kwargs
+
+        name = pipeline.split(":", 1)[1]
+        kwargs = default_call_kwargs(name)
+        if tier == "speed":
+            kwargs.update(speed_call_kwargs(name))
+        return kwargs
+    return {}
+
+
+def _call_kwargs(pipe: Any, family: str, prompts: list[str], base: dict[str, Any], steps: int | None,
+                 guidance: float | None, size: int | None, seeds: list[int]) -> dict[str, Any]:
     from .pipelines.adapters import find_adapter
 
     adapter = find_adapter(pipe)
-    kwargs: dict[str, Any] = {}
-    if tiny:
-        from .pipelines.tiny import tiny_call_kwargs
-
-        kwargs.update(tiny_call_kwargs(family))
-        kwargs.pop("prompt", None)
-    kwargs["num_inference_steps"] = steps
+    kwargs: dict[str, Any] = dict(base)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    kwargs.setdefault("num_inference_steps", 20)
     if adapter.family == "dit":
         labels = list(pipe.labels) if hasattr(pipe, "labels") else [0]
         kwargs["class_labels"] = [i % max(len(labels), 1) for i in range(len(prompts))]
@@ -100,6 +117,9 @@ def _call_kwargs(pipe: Any, family: str, prompts: list[str], steps: int, guidanc
         kwargs.setdefault("use_resolution_binning", False)
     if guidance is not None:
         kwargs[adapter.cfg_scale_arg] = guidance
+    negative = kwargs.get("negative_prompt")
+    if isinstance(negative, str):
+        kwargs["negative_prompt"] = [negative] * len(prompts)
     if adapter.cfg_needs_negative_prompt and kwargs.get(adapter.cfg_scale_arg, 1.0) > 1.0:
         kwargs.setdefault("negative_prompt", [""] * len(prompts))
     if size:
@@ -182,7 +202,7 @@ def run_bench(
     *,
     num_prompts: int = 16,
     prompts_file: str | None = None,
-    steps: int = 20,
+    steps: int | None = None,
     tier: str = "quality",
     repeats: int = 3,
     guidance_scale: float | None = None,
@@ -201,7 +221,7 @@ def run_bench(
     pipe = da.load_pipeline(pipeline, tier=tier) if pipeline.startswith("testbed:") else da.load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
     family = da.find_adapter(pipe).family
-    tiny = pipeline.startswith("tiny:")
+    base_kwargs = base_call_kwargs(pipeline, tier)
     prompts = _load_prompts(pipeline, num_prompts, prompts_file)
     if shape_metrics is None:
         shape_metrics = pipeline.startswith("testbed:") and tier == "quality"
@@ -223,8 +243,8 @@ def run_bench(
         chunks, nfes = [], []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            kwargs = _call_kwargs(pipe, family, batch, steps, guidance_scale, size,
-                                  [seed + start + i for i in range(len(batch))], tiny)
+            kwargs = _call_kwargs(pipe, family, batch, base_kwargs, steps, guidance_scale, size,
+                                  [seed + start + i for i in range(len(batch))])
             kwargs.update(spec.call_overrides)
             with _with_method(pipe, spec):
                 chunks.append(_to_uint8(_generate(pipe, kwargs)))
@@ -233,8 +253,8 @@ def run_bench(
         nfe[spec.label] = float(np.mean(nfes))
 
     # 2. MACs: one call per method
-    macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], steps, guidance_scale, size,
-                               [seed + i for i in range(timing_batch)], tiny)
+    macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], base_kwargs, steps, guidance_scale, size,
+                               [seed + i for i in range(timing_batch)])
     macs = {spec.label: count_denoiser_macs(pipe, {**macs_kwargs, **spec.call_overrides}, spec) for spec in runnable}
 
     # 3. wall time: interleaved repeats (the order rotates every round), median per method
@@ -267,7 +287,9 @@ def run_bench(
         }
     report = {
         "settings": {
-            "pipeline": pipeline, "family": family, "tier": tier, "steps": steps, "num_prompts": len(prompts),
+            "pipeline": pipeline, "family": family, "tier": tier, "steps": macs_kwargs["num_inference_steps"],
+            "num_prompts": len(prompts), "call": {k: v for k, v in macs_kwargs.items()
+                                                  if k not in ("prompt", "generator", "negative_prompt")},
             "repeats": repeats, "guidance_scale": guidance_scale, "size": size, "seed": seed,
             "batch_size": batch_size, "timing_batch": timing_batch,
             "methods": {s.label: {"configs": [c.to_dict() for c in s.configs], "call_overrides": s.call_overrides}
@@ -390,7 +412,7 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--methods", default="baseline,delta_cache,fbcache,taylorseer",
                    help="comma list; name[:key=value...]; '+' combines methods in one entry")
     p.add_argument("--prompts", default="16", help="number of built-in/held-out prompts, or a text file")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="default: the pipeline's testbed default, else 20")
     p.add_argument("--tier", choices=("quality", "speed"), default="quality")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance-scale", type=float, default=None)

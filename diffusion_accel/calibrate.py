@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench import BUILTIN_PROMPTS, _call_kwargs, _generate, _load_prompts, _to_uint8
+from .bench import BUILTIN_PROMPTS, _call_kwargs, _generate, _load_prompts, _to_uint8, base_call_kwargs
 
 
 @dataclass
@@ -27,15 +27,19 @@ class CalibrationSet:
     pipe: Any
     family: str
     prompts: list[str]
-    steps: int
+    steps: int | None
     guidance_scale: float | None
     size: int | None
-    tiny: bool
+    base: dict[str, Any]
     seed: int = 0
 
     def kwargs(self) -> dict[str, Any]:
-        return _call_kwargs(self.pipe, self.family, self.prompts, self.steps, self.guidance_scale, self.size,
-                            [self.seed + i for i in range(len(self.prompts))], self.tiny)
+        return _call_kwargs(self.pipe, self.family, self.prompts, self.base, self.steps, self.guidance_scale,
+                            self.size, [self.seed + i for i in range(len(self.prompts))])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.kwargs()["num_inference_steps"])
 
     def run(self, *configs: Any) -> tuple[np.ndarray, dict[str, Any]]:
         import diffusion_accel as da
@@ -53,15 +57,15 @@ def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean([psnr(a, b) for a, b in zip(flat, ref, strict=True)]))
 
 
-def calibration_set(pipeline: str, num_prompts: int = 4, steps: int = 20, guidance_scale: float | None = None,
-                    size: int | None = None, seed: int = 0) -> CalibrationSet:
+def calibration_set(pipeline: str, num_prompts: int = 4, steps: int | None = None,
+                    guidance_scale: float | None = None, size: int | None = None, seed: int = 0) -> CalibrationSet:
     import diffusion_accel as da
 
     pipe = da.load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
     prompts = _load_prompts(pipeline, num_prompts, None) if num_prompts else list(BUILTIN_PROMPTS[:4])
     return CalibrationSet(pipe, da.find_adapter(pipe).family, prompts, steps, guidance_scale, size,
-                          pipeline.startswith("tiny:"), seed)
+                          base_call_kwargs(pipeline), seed)
 
 
 def calibrate_ag(cal: CalibrationSet, target_psnr: float, space: str = "x0",
@@ -117,7 +121,7 @@ def calibrate_linear_ag(cal: CalibrationSet, out: str | Path, ridge: float = 1e-
 
         out_path = coefficient_dirs()[-2] / out_path.name
     path = save_coefficients(out_path, coefficients, {
-        "family": cal.family, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
+        "family": cal.family, "steps": cal.num_steps, "guidance_scale": cal.guidance_scale,
         "prompts": len(cal.prompts), "ridge": ridge,
     })
     return {"coefficients": str(path), "config": {"method": "linear_ag", "coefficients": str(path)},
@@ -135,8 +139,9 @@ def calibrate_delta_cache(cal: CalibrationSet, target_speedup: float, intervals:
     for interval in intervals:
         for n_c in range(1, depth + 1):
             # fraction of block compute on T steps: full steps run L blocks, cached steps L - N_c
-            full = len([k for k in range(cal.steps) if k % interval == 0])
-            ratio = cal.steps * depth / (full * depth + (cal.steps - full) * (depth - n_c))
+            steps = cal.num_steps
+            full = len([k for k in range(steps) if k % interval == 0])
+            ratio = steps * depth / (full * depth + (steps - full) * (depth - n_c))
             if ratio < target_speedup:
                 continue
             for b in boundaries:
@@ -147,7 +152,7 @@ def calibrate_delta_cache(cal: CalibrationSet, target_speedup: float, intervals:
             break
     if not evaluated:
         raise ValueError(f"No Δ-cache setting reaches a {target_speedup}x block speedup on {depth} blocks and "
-                         f"{cal.steps} steps; lower --target-speedup or raise the intervals.")
+                         f"{cal.num_steps} steps; lower --target-speedup or raise the intervals.")
     best = max(evaluated, key=lambda e: e["psnr"])
     return {"config": best["config"], "target_speedup": target_speedup, "evaluated": evaluated}
 
@@ -158,7 +163,7 @@ def add_calibrate_parser(sub: Any) -> None:
     p.add_argument("method", choices=("ag", "adaptive_guidance", "linear_ag", "delta_cache"))
     p.add_argument("--pipeline", default=None)
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--target-psnr", type=float, default=30.0, help="ag: PSNR (dB) to keep against full CFG")
@@ -177,7 +182,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.method in ("ag", "adaptive_guidance"):
         result = calibrate_ag(cal, args.target_psnr, args.space)
     elif args.method == "linear_ag":
-        result = calibrate_linear_ag(cal, args.out or f"{cal.family}-{cal.steps}", args.ridge)
+        result = calibrate_linear_ag(cal, args.out or f"{cal.family}-{cal.num_steps}", args.ridge)
     else:
         result = calibrate_delta_cache(cal, args.target_speedup)
     if args.out and args.method != "linear_ag":

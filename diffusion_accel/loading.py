@@ -7,11 +7,12 @@ from typing import Any
 
 
 def _testbed_path(name: str) -> Path:
+    from .pipelines.testbed.registry import testbed_path
+
     try:
-        from .pipelines.testbed.registry import testbed_path
-    except ImportError as exc:  # the testbed package is optional until its assets exist
-        raise ValueError(f"The testbed is not available in this install ({exc}).") from exc
-    return testbed_path(name)
+        return testbed_path(name)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
