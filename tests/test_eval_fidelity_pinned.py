@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from diffusion_accel.eval.fidelity import psnr, ssim
 
 

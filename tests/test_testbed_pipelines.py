@@ -1,0 +1,66 @@
+"""The shipped testbed pipelines load offline and generate; registry and CLI wiring; speed tier."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+from diffusion_accel.pipelines.testbed import registry
+
+
+@pytest.mark.parametrize("name", registry.TESTBED_NAMES)
+def test_shipped_pipeline_loads_offline_and_generates(name):
+    from diffusion_accel.pipelines.testbed.evaluate import generate, load
+
+    pipe = load(name)
+    assert type(pipe).__name__ == {"pixart": "PixArtAlphaPipeline", "flow": "FluxPipeline"}[name]
+    images = generate(pipe, name, ["a red circle", "a blue square in the top left"], num_inference_steps=3)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert images.std() > 5  # not a flat image
+
+
+def test_registry_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="pixart"):
+        registry.testbed_path("nope")
+    monkeypatch.setattr(registry, "assets_root", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="testbed train flow"):
+        registry.testbed_path("flow")
+    kwargs = registry.default_call_kwargs("pixart")
+    kwargs["num_inference_steps"] = 1
+    assert registry.default_call_kwargs("pixart")["num_inference_steps"] == 20
+
+
+def test_cli_parser_has_train_and_eval():
+    from diffusion_accel.pipelines.testbed.cli import add_testbed_parser
+
+    parser = argparse.ArgumentParser()
+    add_testbed_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["testbed", "train", "pixart", "--minutes", "5", "--output", "x"])
+    assert (args.name, args.minutes, args.output) == ("pixart", 5.0, "x") and callable(args.func)
+    args = parser.parse_args(["testbed", "eval", "flow", "--prompts", "8"])
+    assert (args.name, args.prompts) == ("flow", 8)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["testbed", "train", "unknown"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", registry.TESTBED_NAMES)
+def test_speed_tier_is_the_same_architecture_and_runs(name):
+    from diffusion_accel.pipelines.testbed.models import build_speed_pipeline, speed_call_kwargs
+
+    pipe = build_speed_pipeline(name)
+    shipped = registry.testbed_path(name)
+    assert type(pipe.transformer).__name__ in (shipped / "transformer" / "config.json").read_text()
+    out = pipe("a red circle", num_inference_steps=1, output_type="np", **speed_call_kwargs(name)).images
+    assert out.shape == (1, 128, 128, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", registry.TESTBED_NAMES)
+def test_shipped_pipeline_meets_the_adherence_bar(name):
+    from diffusion_accel.pipelines.testbed.evaluate import evaluate_pipeline
+
+    result = evaluate_pipeline(name)
+    assert result["adherence"] >= 0.8
+    assert result["fid_shapes"] < 20 * max(result["fid_shapes_real_floor"], 1e-3)
