@@ -43,6 +43,9 @@ class ModelAdapter:
         timestep_scale: the pipeline passes ``timestep / timestep_scale`` to the denoiser (Flux: 1000).
         latent_layout: ``image`` ``[B,C,H,W]``, ``packed_image`` ``[B,L,C·p²]``, ``video`` ``[B,C,F,H,W]`` or
             ``packed_video`` ``[B,L,C]``.
+        extra: optional facts used by some methods: ``self_attention`` (attribute names of a block's
+            self-attention modules), ``joint_text`` (``"prefix"``/``"suffix"``: where joint attention puts the text
+            tokens), ``frames_first`` (video latents are ``[B,F,C,H,W]``), ``resolution_multiple``.
     """
 
     family: str
@@ -91,19 +94,21 @@ def _adapter_list() -> list[ModelAdapter]:
     return [
         ModelAdapter(
             family="dit", pipeline_classes=("DiTPipeline",), uncond_first=False, learned_sigma=True,
+            extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_alpha", pipeline_classes=("PixArtAlphaPipeline",), learned_sigma=True,
+            extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_sigma", pipeline_classes=("PixArtSigmaPipeline", "PixArtSigmaPAGPipeline"),
-            learned_sigma=True,
+            learned_sigma=True, extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="sd3",
             pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                               "StableDiffusion3InpaintPipeline"),
-            prediction="flow",
+            prediction="flow", extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="flux",
@@ -112,24 +117,28 @@ def _adapter_list() -> list[ModelAdapter]:
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
             guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="cogvideox", pipeline_classes=("CogVideoXPipeline",), prediction="v_prediction",
-            latent_layout="video", video=True, extra={"frames_first": True},
+            latent_layout="video", video=True,
+            extra={"frames_first": True, "self_attention": ("attn1",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="wan", pipeline_classes=("WanPipeline",), block_lists=("blocks",), cfg_layout="separate",
-            prediction="flow", latent_layout="video", video=True,
+            prediction="flow", latent_layout="video", video=True, extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="hunyuan_video", pipeline_classes=("HunyuanVideoPipeline",),
             block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
             cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True, guidance_distilled=True,
             prediction="flow", latent_layout="video", video=True,
+            extra={"self_attention": ("attn",), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="ltx_video", pipeline_classes=("LTXPipeline",), prediction="flow",
-            latent_layout="packed_video", video=True, extra={"resolution_multiple": 32},  # LTXPipeline.check_inputs
+            latent_layout="packed_video", video=True,
+            extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTXPipeline.check_inputs
         ),
         ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),

@@ -1,3 +1,11 @@
 """Built-in methods. Importing this package registers them by name."""
 
-from . import adaptive_guidance, bottleneck, cache_dit_peer, delta_cache, diffusers_caches, linear_ag  # noqa: F401
+from . import (  # noqa: F401
+    adaptive_guidance,
+    bottleneck,
+    cache_dit_peer,
+    delta_cache,
+    diffusers_caches,
+    linear_ag,
+    sparse_attention,
+)
