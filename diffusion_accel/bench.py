@@ -42,6 +42,21 @@ class MethodSpec:
     call_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets, so list values such as ``scales=[1,0.5,1]`` stay whole."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += char in "[("
+        depth -= char in "])"
+        if char == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
 def parse_method_specs(text: str) -> list[MethodSpec]:
     """``"baseline,delta_cache,fbcache:threshold=0.1,delta_cache:interval=3:num_cached_blocks=0.5"``.
 
@@ -54,7 +69,7 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
     from .config import parse_config
 
     specs = [MethodSpec("baseline")]
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in _split_top_level(text)):
         if not item or item == "baseline":
             continue
         if item.startswith("steps="):

@@ -26,8 +26,10 @@ def test_bench_outputs_and_keys(tmp_path):
 
 
 def test_method_spec_parsing():
-    specs = parse_method_specs("delta_cache:interval=3:num_cached_blocks=0.5,adaptive_guidance+delta_cache,steps=7")
+    specs = parse_method_specs("delta_cache:interval=3:num_cached_blocks=0.5,adaptive_guidance+delta_cache,steps=7,"
+                               "bottleneck:start_sigmas=[1.0,0.7,0.5]")
     assert [s.label for s in specs][0] == "baseline"
     assert specs[1].configs[0].interval == 3 and specs[1].configs[0].num_cached_blocks == 0.5
     assert [c.name for c in specs[2].configs] == ["adaptive_guidance", "delta_cache"]
     assert specs[3].call_overrides == {"num_inference_steps": 7}
+    assert specs[4].configs[0].start_sigmas == (1.0, 0.7, 0.5)

@@ -1,0 +1,83 @@
+"""The benchmark suites behind the README's numbers: ``python -m diffusion_accel.benchmarks.suite NAME``.
+
+Each suite is one or more ``diffusion-accel bench`` runs (baseline and methods side by side in one process,
+interleaved timing, medians), printed as tables and written as JSON under ``--out``:
+
+* ``delta_cache``: Δ-cache vs Diffusers' FirstBlockCache / TaylorSeer / MagCache and cache-dit DBCache on
+  ``testbed:pixart`` (quality tier: MACs, PSNR, adherence, FID-shapes; speed tier: wall-clock speedup, and the
+  never-skip overhead).
+* ``bottleneck``: Bottleneck Sampling vs the full-resolution baseline and the fewer-steps baseline of the same cost
+  on ``testbed:flow`` (speed tier for time, quality tier for adherence/FID).
+* ``peers``: the issue-3 smoke run: ``testbed:pixart``, 16 prompts, baseline + two Diffusers peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+SUITES: dict[str, list[dict[str, Any]]] = {
+    "peers": [
+        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": 16, "repeats": 2,
+         "methods": "baseline,fbcache:threshold=0.1,taylorseer:cache_interval=3:disable_cache_before_step=2"},
+    ],
+    "delta_cache": [
+        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": 32, "repeats": 2,
+         "methods": "baseline,delta_cache:preset=pixart-alpha-20,"
+                    "delta_cache:interval=2:num_cached_blocks=5:boundary=12,"
+                    "delta_cache:interval=3:num_cached_blocks=4:boundary=12,"
+                    "fbcache:threshold=0.1,fbcache:threshold=0.2,fbcache:threshold=0.3,"
+                    "taylorseer:cache_interval=2:disable_cache_before_step=2,"
+                    "taylorseer:cache_interval=3:disable_cache_before_step=2,"
+                    "dbcache:residual_diff_threshold=0.1,dbcache:residual_diff_threshold=0.2,"
+                    "dbcache:residual_diff_threshold=0.4"},
+        {"pipeline": "testbed:pixart", "tier": "speed", "num_prompts": 2, "repeats": 5,
+         "methods": "baseline,delta_cache:preset=pixart-alpha-20,delta_cache:interval=1,"
+                    "fbcache:threshold=0.2,taylorseer:cache_interval=3:disable_cache_before_step=2"},
+    ],
+    "bottleneck": [
+        {"pipeline": "testbed:flow", "tier": "speed", "num_prompts": 1, "repeats": 3,
+         "methods": "baseline,bottleneck,bottleneck:start_sigmas=[1.0,0.8,0.6]:step_fractions=[0.2,0.5,0.3],"
+                    "steps=12,steps=10"},
+        {"pipeline": "testbed:flow", "tier": "quality", "num_prompts": 32, "repeats": 1,
+         "methods": "baseline,bottleneck,steps=12,steps=10"},
+    ],
+}
+
+
+def run_suite(name: str, out_dir: str | Path, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    from ..bench import markdown_table, run_bench
+
+    if name not in SUITES:
+        raise ValueError(f"Unknown suite {name!r}; choose one of {', '.join(SUITES)}.")
+    reports = []
+    for index, run in enumerate(SUITES[name]):
+        run = {**run, **(overrides or {})}
+        target = Path(out_dir) / f"{name}_{index}_{run['tier']}"
+        start = time.perf_counter()
+        report = run_bench(run["pipeline"], run["methods"], num_prompts=run["num_prompts"], tier=run["tier"],
+                           repeats=run["repeats"], out_dir=target, json_path=target / "bench.json")
+        report["settings"]["suite_seconds"] = time.perf_counter() - start
+        (target / "bench.json").write_text(json.dumps(report, indent=2, default=str))
+        print(markdown_table(report))
+        print(f"({report['settings']['suite_seconds']:.0f} s; {target / 'bench.json'})\n")
+        reports.append(report)
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a named benchmark suite.")
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--num-prompts", type=int, default=None, help="override every run's prompt count")
+    args = parser.parse_args(argv)
+    overrides = {"num_prompts": args.num_prompts} if args.num_prompts else None
+    run_suite(args.suite, args.out, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
