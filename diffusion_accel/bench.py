@@ -397,14 +397,11 @@ def _image_grid(images: dict[str, np.ndarray], path: Path, columns: int = 8) -> 
 
 
 def _pareto_plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # optional extra [plot]
-        path.with_suffix(".txt").write_text("matplotlib not installed: pip install 'diffusion-accel[plot]'\n")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, row in report["methods"].items():
         if label == "baseline":

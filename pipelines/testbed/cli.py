@@ -1,0 +1,71 @@
+"""``diffusion-accel testbed train <name>`` and ``diffusion-accel testbed eval <name>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .train import TRAIN_NAMES
+
+
+def _default_output(name: str) -> Path:
+    from .shapes_net import assets_root
+
+    return assets_root() / ("shapes-net" if name == "shapes-net" else f"testbed-{name}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one testbed model (into the shipped assets folder unless ``--output`` is given)."""
+    from .train import train
+
+    output = Path(args.output) if args.output else _default_output(args.name)
+    extra: dict[str, Any] = {}
+    if args.vae_path:
+        extra["vae_path"] = args.vae_path
+    metrics = train(args.name, output, seed=args.seed, minutes=args.minutes, **extra)
+    print(json.dumps({"name": args.name, "output": str(output), **metrics}, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Adherence + FID-shapes of a testbed pipeline on the held-out prompts, as a table and JSON."""
+    from .evaluate import evaluate_pipeline
+
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["num_inference_steps"] = args.steps
+    result = evaluate_pipeline(args.name, args.path, num_prompts=args.prompts, seed=args.seed, **overrides)
+    print(f"{'testbed':<10}{'steps':>6}{'adherence':>11}{'FID-shapes':>12}{'real floor':>12}")
+    print(f"{result['name']:<10}{result['call_kwargs']['num_inference_steps']:>6}{result['adherence']:>11.3f}"
+          f"{result['fid_shapes']:>12.2f}{result['fid_shapes_real_floor']:>12.2f}")
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def add_testbed_parser(subparsers: Any) -> None:
+    """Register ``testbed train`` / ``testbed eval`` on the main CLI's sub-parsers."""
+    from .models import TESTBED_NAMES
+
+    p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
+    sub = p.add_subparsers(dest="testbed_command", required=True)
+    tr = sub.add_parser("train", help="train a testbed model (shapes-net, vae, pixart, flow)")
+    tr.add_argument("name", choices=TRAIN_NAMES)
+    tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder)")
+    tr.add_argument("--minutes", type=float, default=None, help="wall-clock cap of the training loop")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
+    tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="prompt adherence and FID-shapes on the 64 held-out prompts")
+    ev.add_argument("name", choices=TESTBED_NAMES)
+    ev.add_argument("--path", default=None, help="pipeline folder (default: the shipped one)")
+    ev.add_argument("--prompts", type=int, default=64)
+    ev.add_argument("--steps", type=int, default=None, help="override the default number of steps")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="write the JSON result here instead of printing it")
+    ev.set_defaults(func=cmd_eval)

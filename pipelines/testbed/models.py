@@ -1,0 +1,166 @@
+"""Architectures of the testbed: the trained ("quality") tier and the random-weight "speed" tier.
+
+Both tiers use the real Diffusers classes (``PixArtAlphaPipeline`` / ``PixArtTransformer2DModel`` and
+``FluxPipeline`` / ``FluxTransformer2DModel``). The quality tier is small enough to train on a CPU; the speed tier
+keeps the architecture and widens / deepens it (random weights) so that one transformer forward costs what a
+benchmark of caching or sparsity needs to see (>= 100 ms on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .text import CLIP_DIM, T5_DIM, build_clip, build_t5
+
+LATENT_CHANNELS = 4
+LATENT_SIZE = 16  # 64x64 images → 16x16x4 latents
+TESTBED_NAMES: tuple[str, ...] = ("pixart", "flow")
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def vae_config() -> dict[str, Any]:
+    """A 3-level ``AutoencoderKL`` (downsampling x4): 64x64x3 ↔ 16x16x4."""
+    return dict(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(16, 32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                layers_per_block=1, norm_num_groups=8, sample_size=64, act_fn="silu")
+
+
+def build_vae(seed: int = 0, **overrides: Any):
+    """A fresh ``AutoencoderKL`` with :func:`vae_config` (``overrides`` e.g. ``scaling_factor``)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**vae_config(), **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ PixArt
+def pixart_transformer_config(tier: str = "quality") -> dict[str, Any]:
+    """``PixArtTransformer2DModel`` config; patch 2 on 16x16 latents = 64 tokens (speed: 32x32 → 256 tokens)."""
+    base = dict(in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS, patch_size=2,
+                caption_channels=T5_DIM, attention_bias=True, activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                norm_eps=1e-6, norm_num_groups=32, use_additional_conditions=False)
+    if tier == "quality":
+        return {**base, "sample_size": LATENT_SIZE, "num_layers": 6, "num_attention_heads": 4,
+                "attention_head_dim": 32, "cross_attention_dim": 128}
+    if tier == "speed":
+        return {**base, "sample_size": 2 * LATENT_SIZE, "num_layers": 14, "num_attention_heads": 6,
+                "attention_head_dim": 64, "cross_attention_dim": 384}
+    raise ValueError(f"unknown tier {tier!r}")
+
+
+def pixart_scheduler():
+    """PixArt-α's sampler: DPM-Solver++(2M) on the linear-β DDPM schedule, ε-prediction."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                       beta_schedule="linear", prediction_type="epsilon", solver_order=2,
+                                       algorithm_type="dpmsolver++")
+
+
+def assemble_pixart(transformer, vae, seed: int = 0):
+    """A ``PixArtAlphaPipeline`` around ``transformer`` and ``vae`` with the testbed T5."""
+    from diffusers import PixArtAlphaPipeline
+
+    text_encoder, tokenizer = build_t5(seed)
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=pixart_scheduler())
+
+
+# ------------------------------------------------------------------------------------------------ Flux
+def flux_transformer_config(tier: str = "quality") -> dict[str, Any]:
+    """``FluxTransformer2DModel`` config (2x2-packed 16-channel tokens; dual- and single-stream blocks)."""
+    base = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, joint_attention_dim=T5_DIM,
+                pooled_projection_dim=CLIP_DIM, guidance_embeds=False)
+    if tier == "quality":
+        return {**base, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 32,
+                "num_attention_heads": 4, "axes_dims_rope": (8, 12, 12)}
+    if tier == "speed":
+        return {**base, "num_layers": 4, "num_single_layers": 10, "attention_head_dim": 64,
+                "num_attention_heads": 6, "axes_dims_rope": (16, 24, 24)}
+    raise ValueError(f"unknown tier {tier!r}")
+
+
+def flow_scheduler():
+    """Flow-matching Euler; the shift is fixed (no resolution-dependent shifting at 64x64)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def assemble_flux(transformer, vae, seed: int = 0):
+    """A ``FluxPipeline`` around ``transformer`` and ``vae`` with the testbed CLIP and T5."""
+    from diffusers import FluxPipeline
+
+    text_encoder, tokenizer = build_clip(seed)
+    text_encoder_2, tokenizer_2 = build_t5(seed + 1)
+    return FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+# ------------------------------------------------------------------------------------------------ tiers
+def build_transformer(name: str, tier: str = "quality", seed: int = 0):
+    """A randomly initialised transformer of testbed ``name`` and ``tier``."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    if name == "pixart":
+        return PixArtTransformer2DModel(**pixart_transformer_config(tier))
+    if name == "flow":
+        return FluxTransformer2DModel(**flux_transformer_config(tier))
+    raise ValueError(f"unknown testbed {name!r}; choose one of {', '.join(TESTBED_NAMES)}")
+
+
+def build_speed_pipeline(name: str, seed: int = 0):
+    """The compute-realistic preset: the testbed's architecture at speed-tier size, random weights.
+
+    PixArt: 14 blocks, hidden 384, 256 image tokens at 128x128 (its default size). Flux: 4 dual + 10 single blocks,
+    hidden 384, 256 image tokens at 128x128 (pass ``height=width=128``) plus the 512 text tokens.
+    """
+    transformer = build_transformer(name, "speed", seed).eval()
+    vae = build_vae(seed).eval()
+    if name == "pixart":
+        return assemble_pixart(transformer, vae, seed)
+    return assemble_flux(transformer, vae, seed)
+
+
+def speed_call_kwargs(name: str) -> dict[str, Any]:
+    """Call arguments that give the speed tier its intended token count."""
+    if name == "pixart":
+        return {"height": 128, "width": 128, "use_resolution_binning": False, "clean_caption": False}
+    return {"height": 128, "width": 128}
+
+
+@torch.no_grad()
+def measure_forward_seconds(name: str, tier: str = "speed", batch: int = 2, repeats: int = 3, seed: int = 0) -> float:
+    """Median wall time of one transformer forward (``batch`` 2 = one CFG step) at the tier's default size."""
+    import time
+
+    from diffusers import FluxPipeline
+
+    transformer = build_transformer(name, tier, seed).eval()
+    side = LATENT_SIZE * (2 if tier == "speed" else 1)
+    gen = torch.Generator().manual_seed(seed)
+    if name == "pixart":
+        cfg = transformer.config
+        args = dict(hidden_states=torch.randn(batch, LATENT_CHANNELS, side, side, generator=gen),
+                    encoder_hidden_states=torch.randn(batch, 120, cfg.caption_channels, generator=gen),
+                    encoder_attention_mask=torch.ones(batch, 120), timestep=torch.full((batch,), 500),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        cfg = transformer.config
+        tokens = (side // 2) ** 2
+        args = dict(hidden_states=torch.randn(batch, tokens, cfg.in_channels, generator=gen),
+                    encoder_hidden_states=torch.randn(batch, 512, cfg.joint_attention_dim, generator=gen),
+                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+                    timestep=torch.full((batch,), 0.5), txt_ids=torch.zeros(512, 3),
+                    img_ids=FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, "cpu", torch.float32))
+    transformer(**args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        transformer(**args)
+        times.append(time.perf_counter() - start)
+    return float(sorted(times)[len(times) // 2])

@@ -1,0 +1,90 @@
+"""``train(name, output_dir, seed=0)``: reproduce any shipped testbed model with one call.
+
+Names: ``"shapes-net"`` (classifier), ``"vae"`` (the shared AutoencoderKL), ``"pixart"`` and ``"flow"`` (the two
+pipelines; they need the VAE, trained first into ``<output_dir>/../testbed-vae`` unless ``vae_path`` is given).
+Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "vae", "pixart", "flow")
+
+
+def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
+    """Train testbed model ``name`` into ``output_dir`` and return its metrics.
+
+    ``minutes`` caps the wall clock of the optimisation loop (the step count is otherwise fixed, so a run with no
+    cap is deterministic for a given seed and thread count).
+    """
+    output_dir = Path(output_dir)
+    if name == "shapes-net":
+        from .train_classifier import train_shapes_net
+
+        return train_shapes_net(output_dir, seed=seed, minutes=minutes, **kwargs)
+    if name == "vae":
+        from .train_vae import train_vae
+
+        if kwargs:  # one explicit stage
+            return train_vae(output_dir, seed=seed, minutes=minutes, **kwargs)
+        return train_vae_recipe(output_dir, seed=seed, minutes=minutes)
+    if name in ("pixart", "flow"):
+        from .train_diffusion import train_pipeline
+
+        return train_pipeline(name, output_dir, seed=seed, minutes=minutes, **kwargs)
+    raise ValueError(f"Unknown testbed model {name!r}; choose one of {', '.join(TRAIN_NAMES)}.")
+
+
+#: The stages that made the shipped VAE (``assets/testbed-*/vae``): joint training, a continuation with a larger
+#: batch, then the decoder alone with the encoder (hence the latent space and its scaling) frozen.
+VAE_RECIPE: tuple[dict[str, Any], ...] = (
+    {"steps": 800, "batch_size": 16, "lr": 1e-3},
+    {"steps": 380, "batch_size": 24, "lr": 6e-4},
+    {"steps": 3000, "batch_size": 16, "lr": 5e-4, "decoder_only": True},
+)
+
+
+def train_vae_recipe(output_dir: str | Path, seed: int = 0, minutes: float | None = None) -> dict:
+    """Run :data:`VAE_RECIPE`; intermediate stages go to ``<output_dir>-stage<i>``. ``minutes`` is split evenly."""
+    from .train_vae import train_vae
+
+    output_dir = Path(output_dir)
+    previous: Path | None = None
+    metrics: dict = {}
+    for i, stage in enumerate(VAE_RECIPE):
+        last = i == len(VAE_RECIPE) - 1
+        target = output_dir if last else output_dir.with_name(f"{output_dir.name}-stage{i}")
+        per_stage = None if minutes is None else minutes / len(VAE_RECIPE)
+        metrics = train_vae(target, seed=seed, minutes=per_stage, init_from=previous, **stage)
+        previous = target
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name", choices=TRAIN_NAMES)
+    parser.add_argument("output_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--vae-path", default=None)
+    parser.add_argument("--init-from", default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--decoder-only", action="store_true")
+    parser.add_argument("--num-train", type=int, default=None)
+    args = parser.parse_args(argv)
+    extra: dict[str, Any] = {"decoder_only": True} if args.decoder_only else {}
+    if args.steps is not None:
+        extra["steps"] = args.steps
+    for key in ("vae_path", "init_from", "lr", "batch_size", "num_train"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
+    print(train(args.name, args.output_dir, seed=args.seed, minutes=args.minutes, **extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Pieces shared by the testbed training loops: threads, accelerator, EMA, data tensors, a wall-clock budget."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .shapes import ShapesSample, make_batch
+
+logger = logging.getLogger("diffusion_accel.testbed")
+
+
+def setup_torch(seed: int, threads: int | None = None) -> None:
+    """Seed everything and cap CPU threads (``DA_THREADS`` env var, default 2: the machine is shared)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(threads or int(os.environ.get("DA_THREADS", "2")))
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``accelerate.Accelerator`` (the project standard: devices, mixed precision, multi-process)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def log(message: str) -> None:
+    """Print with a timestamp (training runs in the background and is polled through its log)."""
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+    logger.info(message)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, 64, 64, 3]`` → float ``[N, 3, 64, 64]`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def dataset(split: str, count: int, start: int = 0) -> tuple[np.ndarray, list[ShapesSample]]:
+    """``count`` generator samples of ``split`` (images uint8 and samples)."""
+    return make_batch(split, start, count)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (a frozen copy)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+class Budget:
+    """Stop after ``max_steps`` or ``minutes`` of wall clock, whichever comes first."""
+
+    def __init__(self, max_steps: int, minutes: float | None):
+        self.max_steps = max_steps
+        self.deadline = None if minutes is None else time.time() + 60.0 * minutes
+        self.start = time.time()
+
+    def steps(self) -> Iterator[int]:
+        for step in range(self.max_steps):
+            if self.deadline is not None and time.time() > self.deadline:
+                log(f"time budget reached at step {step}")
+                return
+            yield step
+
+    def elapsed_min(self) -> float:
+        return (time.time() - self.start) / 60.0
+
+    def progress(self, step: int) -> float:
+        """Fraction done: the larger of the step fraction and the wall-clock fraction."""
+        frac = step / max(1, self.max_steps)
+        if self.deadline is not None:
+            frac = max(frac, (time.time() - self.start) / max(1e-9, self.deadline - self.start))
+        return min(1.0, frac)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 100, floor: float = 0.1, progress: float | None = None) -> float:
+    """Warm-up then cosine decay to ``floor`` (a multiplier for LambdaLR); ``progress`` in [0, 1] overrides the
+    step fraction (so a wall-clock budget still completes the decay)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, progress)
+    return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))

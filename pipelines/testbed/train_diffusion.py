@@ -1,0 +1,237 @@
+"""Training of the two testbed pipelines on pre-encoded latents and pre-encoded captions.
+
+* ``pixart``: ``PixArtTransformer2DModel``, ε-prediction on the linear-β DDPM schedule (what PixArt-α's
+  DPM-Solver++ samples), masked T5 captions.
+* ``flow``: ``FluxTransformer2DModel``, rectified flow (``x_t = (1 - t) x0 + t ε``, target ``ε - x0``) on 2x2-packed
+  latents, CLIP pooled + 512-token T5 sequence, trained on the exact collapsed form of that sequence
+  (:func:`.text.collapse_t5_sequence`).
+
+Both drop 10 % of captions to the empty caption's embedding so that classifier-free guidance works, keep an EMA of
+the weights, and save the whole pipeline with ``save_pretrained`` (the VAE and text encoders frozen).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import assemble_flux, assemble_pixart, build_transformer
+from .shapes import make_batch
+from .train_common import EMA, Budget, cosine_lr, images_to_tensor, log, make_accelerator, setup_torch
+
+CAPTION_DROPOUT = 0.1
+
+
+def alt_caption(index: int, objects) -> str:
+    """A second caption of training image ``index`` (other position/size mentions), for caption variety."""
+    from .shapes import _mention, caption_for
+
+    rng = np.random.default_rng((7, int(index)))
+    return caption_for([_mention(rng, o, 0.6, 0.5) for o in objects])
+
+
+def ensure_vae(vae_path: str | Path | None, output_dir: Path, seed: int, minutes: float | None):
+    """Load the VAE from ``vae_path``; train one next to ``output_dir`` when none is given."""
+    from diffusers import AutoencoderKL
+
+    if vae_path is None:
+        vae_path = output_dir.parent / f"{output_dir.name}-vae"
+        if not (Path(vae_path) / "config.json").exists():
+            from .train_vae import train_vae
+
+            train_vae(vae_path, seed=seed, minutes=minutes)
+    return AutoencoderKL.from_pretrained(str(vae_path)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+    """Posterior-mean latents (unscaled) of uint8 images."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.encode(images_to_tensor(images[i:i + batch])).latent_dist.mode())
+    return torch.cat(out)
+
+
+def caption_table(num_train: int) -> tuple[list[str], np.ndarray]:
+    """Unique captions and, per training image, the indices of its two captions ``[N, 2]``."""
+    _, samples = make_batch("train", 0, num_train)
+    unique: dict[str, int] = {"": 0}
+    table = np.zeros((num_train, 2), np.int64)
+    for i, s in enumerate(samples):
+        for j, cap in enumerate((s.caption, alt_caption(i, s.objects))):
+            table[i, j] = unique.setdefault(cap, len(unique))
+    return list(unique), table
+
+
+# ------------------------------------------------------------------------------------------------ text
+@torch.no_grad()
+def encode_pixart_text(pipe, captions: list[str], max_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked T5 embeddings exactly as ``PixArtAlphaPipeline.encode_prompt`` makes them (shorter padding is exact:
+    masked positions never reach a kept one)."""
+    embeds, masks = [], []
+    for i in range(0, len(captions), 512):
+        e, m, _, _ = pipe.encode_prompt(captions[i:i + 512], do_classifier_free_guidance=False, device="cpu",
+                                        clean_caption=False, max_sequence_length=max_length)
+        embeds.append(e)
+        masks.append(m)
+    return torch.cat(embeds), torch.cat(masks)
+
+
+@torch.no_grad()
+def encode_flux_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [U, 41, D], log_counts [U, 41], pooled [U, D])``: ``FluxPipeline.encode_prompt`` at its default 512
+    tokens, collapsed."""
+    from .text import collapse_t5_sequence
+
+    rows, counts, pooled = [], [], []
+    for i in range(0, len(captions), 128):
+        chunk = captions[i:i + 128]
+        e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device="cpu", max_sequence_length=512)
+        r, c = collapse_t5_sequence(e)
+        rows.append(r)
+        counts.append(c)
+        pooled.append(p)
+    return torch.cat(rows), torch.cat(counts), torch.cat(pooled)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+class PixArtObjective:
+    """ε-prediction MSE on the DDPM linear-β schedule."""
+
+    def __init__(self, pipe, captions: list[str], latents: torch.Tensor, scaling: float):
+        self.x0 = latents * scaling
+        self.embeds, self.masks = encode_pixart_text(pipe, captions)
+        betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+
+    def loss(self, model, idx: np.ndarray, caption_idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        x0 = self.x0[idx]
+        b = len(idx)
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        out = model(xt, encoder_hidden_states=self.embeds[caption_idx], encoder_attention_mask=self.masks[caption_idx],
+                    timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        return F.mse_loss(out[:, : x0.shape[1]], noise)
+
+
+class FlowObjective:
+    """Rectified-flow velocity MSE on packed latents, logit-normal timesteps."""
+
+    def __init__(self, pipe, captions: list[str], latents: torch.Tensor, scaling: float, shift: float):
+        from diffusers import FluxPipeline
+
+        x0 = (latents - shift) * scaling
+        b, c, h, w = x0.shape
+        self.x0 = FluxPipeline._pack_latents(x0, b, c, h, w)
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+        self.rows, self.log_counts, self.pooled = encode_flux_text(pipe, captions)
+        self.txt_ids = torch.zeros(self.rows.shape[1], 3)
+
+    def loss(self, model, idx: np.ndarray, caption_idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        x0 = self.x0[idx]
+        b = len(idx)
+        t = torch.sigmoid(torch.randn(b, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * noise
+        bias = torch.cat([self.log_counts[caption_idx], torch.zeros(b, x0.shape[1])], dim=1).view(b, 1, 1, -1)
+        out = model(hidden_states=xt, encoder_hidden_states=self.rows[caption_idx],
+                    pooled_projections=self.pooled[caption_idx], timestep=t, img_ids=self.img_ids,
+                    txt_ids=self.txt_ids, joint_attention_kwargs={"attention_mask": bias}, return_dict=False)[0]
+        return F.mse_loss(out, noise - x0)
+
+
+# ------------------------------------------------------------------------------------------------ main
+@torch.no_grad()
+def text_gain(model, objective, table: np.ndarray, num_train: int, samples: int = 64) -> float:
+    """How much the captions help: (loss with the empty caption - loss with the real one) / loss with the empty one,
+    on a fixed batch, same noise and timesteps. Near 0 means the model still ignores its text."""
+    idx = np.arange(samples) % num_train
+    losses = []
+    for caption_idx in (np.zeros(samples, np.int64), table[idx, 0]):
+        losses.append(float(objective.loss(model, idx, caption_idx, torch.Generator().manual_seed(1234))))
+    return (losses[0] - losses[1]) / max(losses[0], 1e-12)
+
+
+def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None,
+                   vae_path: str | Path | None = None, num_train: int = 20000, steps: int = 6000,
+                   batch_size: int = 32, lr: float = 8e-4, eval_prompts: int = 64,
+                   init_from: str | Path | None = None) -> dict[str, Any]:
+    """Train testbed pipeline ``name`` ("pixart" or "flow") and ``save_pretrained`` it to ``output_dir``.
+
+    ``init_from``: a saved pipeline folder whose transformer weights start the run (to continue a run)."""
+    output_dir = Path(output_dir)
+    setup_torch(seed)
+    accelerator = make_accelerator()
+    vae = ensure_vae(vae_path, output_dir, seed, minutes)
+    log(f"{name}: generating and encoding {num_train} images")
+    images, _ = make_batch("train", 0, num_train)
+    latents = encode_latents(vae, images)
+    del images
+    captions, table = caption_table(num_train)
+    log(f"{name}: {len(captions)} unique captions; encoding text")
+    scaling = float(vae.config.scaling_factor)
+    transformer = build_transformer(name, "quality", seed)
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        weights = Path(init_from) / "transformer" / "diffusion_pytorch_model.safetensors"
+        transformer.load_state_dict(load_file(str(weights)))
+        log(f"{name}: transformer initialised from {init_from}")
+    if name == "pixart":
+        pipe = assemble_pixart(transformer, vae, seed)
+        objective: Any = PixArtObjective(pipe, captions, latents, scaling)
+    else:
+        pipe = assemble_flux(transformer, vae, seed)
+        objective = FlowObjective(pipe, captions, latents, scaling, float(vae.config.shift_factor or 0.0))
+    log(f"{name}: text encoded; transformer has {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params")
+
+    ema = EMA(transformer, decay=0.999)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    budget = Budget(steps, minutes)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr(s, steps, warmup=200, floor=0.05, progress=budget.progress(s)))
+    model, opt = accelerator.prepare(transformer, opt)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    running = []
+    for step in budget.steps():
+        idx = rng.integers(0, num_train, size=batch_size)
+        caption_idx = table[idx, rng.integers(0, 2, size=batch_size)]
+        caption_idx[rng.random(batch_size) < CAPTION_DROPOUT] = 0  # the empty caption
+        loss = objective.loss(model, idx, caption_idx, gen)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(accelerator.unwrap_model(model), step)
+        running.append(loss.item())
+        if step % 100 == 0:
+            gain = f" text gain {text_gain(model, objective, table, num_train):.3f}" if step % 500 == 0 else ""
+            log(f"{name} step {step} loss {np.mean(running):.4f}{gain} ({budget.elapsed_min():.1f} min)")
+            running = []
+    train_minutes = budget.elapsed_min()
+    pipe.transformer = ema.model.eval()
+    pipe.register_modules(transformer=pipe.transformer)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    pipe.save_pretrained(str(output_dir))
+    metrics: dict[str, Any] = {"train_minutes": train_minutes, "steps": step + 1, "batch_size": batch_size,
+                               "final_loss": float(np.mean(running)) if running else math.nan}
+    if eval_prompts:
+        from .evaluate import evaluate_pipeline
+
+        metrics.update(evaluate_pipeline(name, output_dir, num_prompts=eval_prompts))
+    (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    log(f"{name} metrics {metrics}")
+    return metrics

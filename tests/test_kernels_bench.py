@@ -1,0 +1,24 @@
+"""Smoke run of the kernel benchmark (``--quick``): the table and JSON have every cell, outputs agree."""
+
+from __future__ import annotations
+
+import json
+
+from diffusion_accel.kernels import bench
+
+
+def test_bench_quick_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["seq_len"] == 1024 and res["config"]["backends"] == ["flex", "eager"]
+    rows = res["rows"]
+    assert [r["sparsity_pct"] for r in rows] == [0, 50, 90]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["flex_ms"] > 0 and r["eager_ms"] > 0
+        assert abs(r["flex_speedup"] - r["dense_ms"] / r["flex_ms"]) < 0.01 * r["flex_speedup"] + 1e-3
+        assert r["max_abs_diff_between_backends"] < 1e-4  # flex and eager compute the same attention
+    # 8 key blocks: keep 8, 4, 1 -> sparsity 0, 0.5, 0.875
+    assert [r["actual_sparsity"] for r in rows] == [0.0, 0.5, 0.875]
+    table = capsys.readouterr().out
+    assert "sparsity" in table and "flex ms" in table and "90%" in table
