@@ -82,8 +82,17 @@ def default_pipeline_factory(name: str | None) -> Any:
 
 
 def _default_call_kwargs(pipeline: str | None) -> dict[str, Any]:
-    """Small call sizes for the project's ``tiny:<family>`` pipelines (prompt / labels are set per item)."""
-    if pipeline and pipeline.startswith("tiny:"):
+    """The project's own defaults: small call sizes for ``tiny:<family>``, the testbed's call arguments (64x64, its
+    steps and guidance) for ``testbed:<name>`` (prompt / labels are set per item)."""
+    if pipeline is None:
+        from diffusion_accel.cli import default_pipeline
+
+        pipeline = default_pipeline()
+    if pipeline.startswith("testbed:"):
+        from diffusion_accel.pipelines.testbed.registry import default_call_kwargs
+
+        return default_call_kwargs(pipeline.split(":", 1)[1])
+    if pipeline.startswith("tiny:"):
         from diffusion_accel.testing import tiny_call_kwargs
 
         kwargs = tiny_call_kwargs(pipeline.split(":", 1)[1])
@@ -136,6 +145,8 @@ def _call_pipeline(pipe: Any, prompts: list[str], seeds: list[int], call_kwargs:
         kwargs["class_labels"] = [int(p) if p.strip().isdigit() else pipe.get_label_ids([p])[0] for p in prompts]
     else:
         kwargs["prompt"] = prompts
+        if isinstance(kwargs.get("negative_prompt"), str):  # one per item (Flux's true CFG needs equal batches)
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
     output = pipe(**kwargs, generator=generators)
     if hasattr(output, "frames"):
         return list(output.frames), True
@@ -163,7 +174,10 @@ def generate(config: EvalConfig, pipeline_factory: PipelineFactory | None = None
     """Generate the items missing on disk (this process's share); returns this process's stats."""
     state = partial_state()
     out = Path(config.out)
-    prompts = config.prompts if isinstance(config.prompts, list) else _load_prompts(config.prompts)
+    source = config.prompts
+    if source == "builtin" and (config.pipeline or "").startswith("testbed:"):
+        source = "builtin:shapes"  # the testbed's vocabulary is the shapes captions
+    prompts = source if isinstance(source, list) else _load_prompts(source)
     items = _manifest(config, prompts)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -162,3 +162,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert sorted(g["process"] for g in generation) == [0, 1]
     assert sum(g["generated"] for g in generation) == 5 and all(g["generated"] > 0 for g in generation)
     assert len(list((out / "images").glob("*.png"))) == 5
+
+
+def test_testbed_pipelines_get_their_call_defaults_and_shapes_prompts(tmp_path):
+    """``testbed:<name>`` runs at the testbed's 64x64 defaults (PixArt would reject its binned default size)."""
+    from diffusion_accel.eval.runner import _default_call_kwargs
+
+    pixart = _default_call_kwargs("testbed:pixart")
+    assert pixart["height"] == pixart["width"] == 64 and pixart["use_resolution_binning"] is False
+    assert _default_call_kwargs("testbed:flow")["height"] == 64
+    assert _default_call_kwargs("runwayml/some-model") == {}

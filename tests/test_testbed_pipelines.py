@@ -44,7 +44,6 @@ def test_cli_parser_has_train_and_eval():
         parser.parse_args(["testbed", "train", "unknown"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", registry.TESTBED_NAMES)
 def test_speed_tier_is_the_same_architecture_and_runs(name):
     from diffusion_accel.pipelines.testbed.models import build_speed_pipeline, speed_call_kwargs
@@ -52,7 +51,8 @@ def test_speed_tier_is_the_same_architecture_and_runs(name):
     pipe = build_speed_pipeline(name)
     shipped = registry.testbed_path(name)
     assert type(pipe.transformer).__name__ in (shipped / "transformer" / "config.json").read_text()
-    out = pipe("a red circle", num_inference_steps=1, output_type="np", **speed_call_kwargs(name)).images
+    # 2 steps: PixArtAlphaPipeline reads pred_original_sample at 1 step, which DPM-Solver does not return
+    out = pipe("a red circle", num_inference_steps=2, output_type="np", **speed_call_kwargs(name)).images
     assert out.shape == (1, 128, 128, 3)
 
 

@@ -120,7 +120,7 @@ def build_speed_pipeline(name: str, seed: int = 0):
     hidden 384, 256 image tokens at 128x128 (pass ``height=width=128``) plus the 512 text tokens.
     """
     transformer = build_transformer(name, "speed", seed).eval()
-    vae = build_vae(seed).eval()
+    vae = build_vae(seed, shift_factor=0.0).eval()  # FluxPipeline needs a shift factor; PixArt ignores it
     if name == "pixart":
         return assemble_pixart(transformer, vae, seed)
     return assemble_flux(transformer, vae, seed)
