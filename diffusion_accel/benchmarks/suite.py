@@ -39,11 +39,11 @@ SUITES: dict[str, list[dict[str, Any]]] = {
                     "fbcache:threshold=0.2,taylorseer:cache_interval=3:disable_cache_before_step=2"},
     ],
     "bottleneck": [
-        {"pipeline": "testbed:flow", "tier": "speed", "num_prompts": 1, "repeats": 3,
-         "methods": "baseline,bottleneck,bottleneck:start_sigmas=[1.0,0.8,0.6]:step_fractions=[0.2,0.5,0.3],"
-                    "steps=12,steps=10"},
+        # Same total steps as the baseline (28); "steps=N" are the honest fewer-steps baselines of matched cost.
+        {"pipeline": "testbed:flow", "tier": "speed", "num_prompts": 1, "repeats": 2,
+         "methods": "baseline,bottleneck,bottleneck:step_fractions=[0.1,0.7,0.2],steps=17,steps=13"},
         {"pipeline": "testbed:flow", "tier": "quality", "num_prompts": 32, "repeats": 1,
-         "methods": "baseline,bottleneck,steps=12,steps=10"},
+         "methods": "baseline,bottleneck,bottleneck:step_fractions=[0.1,0.7,0.2],steps=17,steps=13"},
     ],
 }
 

@@ -7,6 +7,7 @@ session sets the ``CacheContext`` these hooks need.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -124,6 +125,11 @@ class TaylorSeerCache(_DiffusersCacheConfig):
     max_order: int = 1
     taylor_factors_dtype: str = "float32"
     use_lite_mode: bool = False
+    #: Regexes (``re.fullmatch`` on module names) of the modules whose outputs are cached. ``None``: every attention
+    #: module inside the adapter's block lists (``<blocks>.<i>.attn``, ``attn1``, ``attn2``, ...). We do not use
+    #: Diffusers' default (``^transformer_blocks.*attn`` under ``fullmatch``): it matches Flux's ``attn`` but no
+    #: ``attn1``/``attn2``, so on PixArt, DiT, Wan, CogVideoX ... TaylorSeer would silently cache nothing.
+    cache_identifiers: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         if self.cache_interval < 1:
@@ -141,7 +147,13 @@ class TaylorSeerCache(_DiffusersCacheConfig):
             cache_interval=self.cache_interval, disable_cache_before_step=self.disable_cache_before_step,
             disable_cache_after_step=self.disable_cache_after_step, max_order=self.max_order,
             taylor_factors_dtype=getattr(torch, self.taylor_factors_dtype), use_lite_mode=self.use_lite_mode,
+            cache_identifiers=list(self.cache_identifiers or self.default_identifiers(session)),
         )
+
+    @staticmethod
+    def default_identifiers(session: AccelSession) -> list[str]:
+        """Every attention module of every block list the adapter names."""
+        return [rf"^{re.escape(name)}\.\d+\.attn\d*$" for name in session.adapter.block_lists]
 
 
 @register_method
