@@ -90,6 +90,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .testing import tiny_call_kwargs
 
         call = {**tiny_call_kwargs(adapter.family), **{k: v for k, v in call.items() if v is not None}}
+    elif name.startswith("testbed:"):  # 64x64, its steps and guidance (PixArt's resolution binning would reject 64)
+        from .pipelines.testbed.registry import default_call_kwargs
+
+        call = {**default_call_kwargs(name.split(":", 1)[1]), **{k: v for k, v in call.items() if v is not None}}
     if adapter.family == "dit":
         call["class_labels"] = pipe.get_label_ids(args.prompt) if args.prompt else [0]
     else:

@@ -43,3 +43,14 @@ def test_generate_video_gif(tmp_path):
 def test_generate_bad_method_is_a_clean_error(tmp_path, capsys):
     code = main(["generate", "--pipeline", "tiny:pixart_alpha", "--method", "nope", "--out", str(tmp_path)])
     assert code == 2 and "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_generate_on_the_shipped_testbed_uses_its_call_defaults(tmp_path):
+    """The README's first command: the testbed PixArt at 64x64 (its resolution binning would reject the size)."""
+    from diffusion_accel.cli import main
+
+    assert main(["generate", "--pipeline", "testbed:pixart", "--method", "delta_cache", "--steps", "4",
+                 "--prompt", "a red circle", "--out", str(tmp_path)]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "seed0_0.png").size == (64, 64)
