@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .loading import base_call_kwargs
+
 METRIC_KEYS = ("speedup_wall", "macs_ratio", "nfe", "psnr_vs_baseline", "ssim_vs_baseline", "adherence", "fid_shapes")
 
 BUILTIN_PROMPTS = (
@@ -93,26 +95,6 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline calls
-def base_call_kwargs(pipeline: str, tier: str = "quality") -> dict[str, Any]:
-    """Default call arguments of a project pipeline name (testbed defaults, tiny sizes); ``{}`` otherwise."""
-    if pipeline.startswith("tiny:"):
-        from .pipelines.tiny import tiny_call_kwargs
-
-        kwargs = tiny_call_kwargs(pipeline.split(":", 1)[1])
-        kwargs.pop("prompt", None)
-        return kwargs
-    if pipeline.startswith("testbed:"):
-        from .pipelines.testbed.models import speed_call_kwargs
-        from .pipelines.testbed.registry import default_call_kwargs
-
-        name = pipeline.split(":", 1)[1]
-        kwargs = default_call_kwargs(name)
-        if tier == "speed":
-            kwargs.update(speed_call_kwargs(name))
-        return kwargs
-    return {}
-
-
 def _call_kwargs(pipe: Any, family: str, prompts: list[str], base: dict[str, Any], steps: int | None,
                  guidance: float | None, size: int | None, seeds: list[int]) -> dict[str, Any]:
     from .pipelines.adapters import find_adapter

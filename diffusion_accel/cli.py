@@ -81,19 +81,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import diffusion_accel as da
 
+    from .loading import base_call_kwargs
+
     name = args.pipeline or default_pipeline()
     pipe = da.load_pipeline(name)
     configs = method_configs(args.method, args.config, _parse_set(args.set))
     adapter = da.find_adapter(pipe)
-    call: dict[str, Any] = {"num_inference_steps": args.steps}
-    if name.startswith("tiny:"):
-        from .testing import tiny_call_kwargs
-
-        call = {**tiny_call_kwargs(adapter.family), **{k: v for k, v in call.items() if v is not None}}
-    elif name.startswith("testbed:"):  # 64x64, its steps and guidance (PixArt's resolution binning would reject 64)
-        from .pipelines.testbed.registry import default_call_kwargs
-
-        call = {**default_call_kwargs(name.split(":", 1)[1]), **{k: v for k, v in call.items() if v is not None}}
+    # tiny sizes / the testbed's 64x64 defaults (PixArt's resolution binning would reject 64); user flags override
+    call: dict[str, Any] = base_call_kwargs(name)
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
     if adapter.family == "dit":
         call["class_labels"] = pipe.get_label_ids(args.prompt) if args.prompt else [0]
     else:

@@ -52,3 +52,23 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
         )
     pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
     return pipe
+
+
+def base_call_kwargs(pipeline: str, tier: str = "quality") -> dict[str, Any]:
+    """Default call arguments of a project pipeline name (testbed defaults, tiny sizes); ``{}`` otherwise."""
+    if pipeline.startswith("tiny:"):
+        from .pipelines.tiny import tiny_call_kwargs
+
+        kwargs = tiny_call_kwargs(pipeline.split(":", 1)[1])
+        kwargs.pop("prompt", None)
+        return kwargs
+    if pipeline.startswith("testbed:"):
+        from .pipelines.testbed.models import speed_call_kwargs
+        from .pipelines.testbed.registry import default_call_kwargs
+
+        name = pipeline.split(":", 1)[1]
+        kwargs = default_call_kwargs(name)
+        if tier == "speed":
+            kwargs.update(speed_call_kwargs(name))
+        return kwargs
+    return {}

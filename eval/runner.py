@@ -82,24 +82,11 @@ def default_pipeline_factory(name: str | None) -> Any:
 
 
 def _default_call_kwargs(pipeline: str | None) -> dict[str, Any]:
-    """The project's own defaults: small call sizes for ``tiny:<family>``, the testbed's call arguments (64x64, its
-    steps and guidance) for ``testbed:<name>`` (prompt / labels are set per item)."""
-    if pipeline is None:
-        from diffusion_accel.cli import default_pipeline
+    """The project's own call defaults for ``tiny:``/``testbed:`` names (prompt / labels are set per item)."""
+    from diffusion_accel.cli import default_pipeline
+    from diffusion_accel.loading import base_call_kwargs
 
-        pipeline = default_pipeline()
-    if pipeline.startswith("testbed:"):
-        from diffusion_accel.pipelines.testbed.registry import default_call_kwargs
-
-        return default_call_kwargs(pipeline.split(":", 1)[1])
-    if pipeline.startswith("tiny:"):
-        from diffusion_accel.testing import tiny_call_kwargs
-
-        kwargs = tiny_call_kwargs(pipeline.split(":", 1)[1])
-        kwargs.pop("prompt", None)
-        kwargs.pop("class_labels", None)
-        return kwargs
-    return {}
+    return base_call_kwargs(pipeline or default_pipeline())
 
 
 def _item_path(out: Path, index: int, video: bool) -> Path:
