@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg-quality", type=int, default=40)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.count < 4:
+        parser.error(f"--count must be >= 4 (two KID subsets of count // 2 images each); got {args.count}")
+    if not 1 <= args.jpeg_quality <= 95:
+        parser.error(f"--jpeg-quality must be in 1..95 (PIL's JPEG range); got {args.jpeg_quality}")
     report = run(args.count, args.jpeg_quality)
     print(f"| pair ({report['count']} images each) | FID | KID |\n|---|---|---|")
     for pair, row in report["results"].items():
