@@ -37,6 +37,7 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
+_MISSING = object()
 _LAUNCH_LOCK = threading.Lock()  # the interpreter patches module globals: one interpreted launch at a time
 
 
@@ -259,6 +260,12 @@ if HAS_TRITON:
 
         with contextlib.suppress(Exception):  # imported lazily by the launcher; it must see the unpatched library
             import triton.experimental.gluon  # noqa: F401
+        # Triton's interpreter patches tl / tl.core / tl.math / tl.tensor for every device-function call and (triton
+        # 3.9) never restores them, which breaks any later real compile in this process: snapshot and restore.
+        lang_objects = [tl, tl.core, tl.math, tl.core.tensor]
+        if hasattr(tl.core, "tensor_descriptor_base"):
+            lang_objects.append(tl.core.tensor_descriptor_base)
+        saved = [(obj, dict(vars(obj))) for obj in lang_objects]
         patched = []
         for mod_name, mod in list(sys.modules.items()):
             if mod is None or not mod_name.startswith("triton.language"):
@@ -272,6 +279,17 @@ if HAS_TRITON:
         finally:
             for mod, attr, obj in reversed(patched):
                 setattr(mod, attr, obj)
+            _restore_attributes(saved)
+
+    def _restore_attributes(saved: list[tuple[object, dict]]) -> None:
+        """Put back every attribute of each object as it was in its ``vars()`` snapshot (drop added ones)."""
+        for obj, before in saved:
+            now = vars(obj)
+            for name in [n for n in now if n not in before]:
+                delattr(obj, name)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(obj, name, value)
 
     def _launch(name: str, grid, interpret: bool, *args, **kwargs) -> None:
         if interpret:

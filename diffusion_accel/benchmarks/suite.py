@@ -48,13 +48,17 @@ SUITES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def run_suite(name: str, out_dir: str | Path, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def run_suite(name: str, out_dir: str | Path, overrides: dict[str, Any] | None = None,
+              tier: str | None = None) -> list[dict[str, Any]]:
+    """Run suite ``name`` (only its runs of ``tier`` when given) and write one folder per run under ``out_dir``."""
     from ..bench import markdown_table, run_bench
 
     if name not in SUITES:
         raise ValueError(f"Unknown suite {name!r}; choose one of {', '.join(SUITES)}.")
     reports = []
     for index, run in enumerate(SUITES[name]):
+        if tier is not None and run["tier"] != tier:
+            continue
         run = {**run, **(overrides or {})}
         target = Path(out_dir) / f"{name}_{index}_{run['tier']}"
         start = time.perf_counter()
@@ -73,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--num-prompts", type=int, default=None, help="override every run's prompt count")
+    parser.add_argument("--tier", choices=("quality", "speed"), default=None, help="only the runs of this tier")
     args = parser.parse_args(argv)
     overrides = {"num_prompts": args.num_prompts} if args.num_prompts else None
-    run_suite(args.suite, args.out, overrides)
+    run_suite(args.suite, args.out, overrides, tier=args.tier)
     return 0
 
 

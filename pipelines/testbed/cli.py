@@ -24,6 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.vae_path:
         extra["vae_path"] = args.vae_path
+    if args.recipe:
+        extra["recipe"] = args.recipe
     metrics = train(args.name, output, seed=args.seed, minutes=args.minutes, **extra)
     print(json.dumps({"name": args.name, "output": str(output), **metrics}, indent=2, default=str))
     return 0
@@ -60,6 +62,9 @@ def add_testbed_parser(subparsers: Any) -> None:
     tr.add_argument("--minutes", type=float, default=None, help="wall-clock cap of the training loop")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
+    tr.add_argument("--recipe", default=None, choices=("shipped", "cpu"),
+                    help="pixart/flow: 'shipped' (the GPU stages behind the assets; default on a GPU) or 'cpu' "
+                         "(one stage sized for ~1 h on 2 cores; default without a GPU)")
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="prompt adherence and FID-shapes on the 64 held-out prompts")
     ev.add_argument("name", choices=TESTBED_NAMES)

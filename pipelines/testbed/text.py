@@ -84,6 +84,6 @@ def collapse_t5_sequence(embeds: torch.Tensor, head: int = FLUX_HEAD_ROWS, tail:
     if not torch.allclose(middle, middle[:, :1].expand_as(middle), atol=atol):
         raise ValueError("the middle pad rows are not identical; is the caption longer than the head?")
     rows = torch.cat([embeds[:, :head], middle[:, :1], embeds[:, length - tail:]], dim=1)
-    log_counts = torch.zeros(rows.shape[:2], dtype=embeds.dtype)
+    log_counts = torch.zeros(rows.shape[:2], dtype=embeds.dtype, device=embeds.device)
     log_counts[:, head] = math.log(middle.shape[1])
     return rows, log_counts

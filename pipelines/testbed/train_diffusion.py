@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .models import assemble_flux, assemble_pixart, build_transformer
 from .shapes import make_batch
-from .train_common import EMA, Budget, cosine_lr, images_to_tensor, log, make_accelerator, setup_torch
+from .train_common import EMA, Budget, cosine_lr, dataset, images_to_tensor, log, make_accelerator, setup_torch
 
 CAPTION_DROPOUT = 0.1
 
@@ -52,16 +52,19 @@ def ensure_vae(vae_path: str | Path | None, output_dir: Path, seed: int, minutes
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
-    """Posterior-mean latents (unscaled) of uint8 images."""
+    """Posterior-mean latents (unscaled) of uint8 images, on the VAE's device."""
+    device = vae.device
     out = []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(images_to_tensor(images[i:i + batch])).latent_dist.mode())
+        out.append(vae.encode(images_to_tensor(images[i:i + batch]).to(device)).latent_dist.mode())
     return torch.cat(out)
 
 
-def caption_table(num_train: int) -> tuple[list[str], np.ndarray]:
-    """Unique captions and, per training image, the indices of its two captions ``[N, 2]``."""
-    _, samples = make_batch("train", 0, num_train)
+def caption_table(num_train: int, samples=None) -> tuple[list[str], np.ndarray]:
+    """Unique captions and, per training image, the indices of its two captions ``[N, 2]`` (``samples``: the
+    training samples when already generated)."""
+    if samples is None:
+        _, samples = make_batch("train", 0, num_train)
     unique: dict[str, int] = {"": 0}
     table = np.zeros((num_train, 2), np.int64)
     for i, s in enumerate(samples):
@@ -77,7 +80,7 @@ def encode_pixart_text(pipe, captions: list[str], max_length: int = 32) -> tuple
     masked positions never reach a kept one)."""
     embeds, masks = [], []
     for i in range(0, len(captions), 512):
-        e, m, _, _ = pipe.encode_prompt(captions[i:i + 512], do_classifier_free_guidance=False, device="cpu",
+        e, m, _, _ = pipe.encode_prompt(captions[i:i + 512], do_classifier_free_guidance=False, device=pipe.device,
                                         clean_caption=False, max_sequence_length=max_length)
         embeds.append(e)
         masks.append(m)
@@ -93,7 +96,7 @@ def encode_flux_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Ten
     rows, counts, pooled = [], [], []
     for i in range(0, len(captions), 128):
         chunk = captions[i:i + 128]
-        e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device="cpu", max_sequence_length=512)
+        e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=pipe.device, max_sequence_length=512)
         r, c = collapse_t5_sequence(e)
         rows.append(r)
         counts.append(c)
@@ -109,13 +112,13 @@ class PixArtObjective:
         self.x0 = latents * scaling
         self.embeds, self.masks = encode_pixart_text(pipe, captions)
         betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(latents.device)
 
-    def loss(self, model, idx: np.ndarray, caption_idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model, idx: torch.Tensor, caption_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x0 = self.x0[idx]
         b = len(idx)
-        t = torch.randint(0, 1000, (b,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (b,), generator=gen, device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         out = model(xt, encoder_hidden_states=self.embeds[caption_idx], encoder_attention_mask=self.masks[caption_idx],
@@ -132,17 +135,17 @@ class FlowObjective:
         x0 = (latents - shift) * scaling
         b, c, h, w = x0.shape
         self.x0 = FluxPipeline._pack_latents(x0, b, c, h, w)
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, torch.float32)
         self.rows, self.log_counts, self.pooled = encode_flux_text(pipe, captions)
-        self.txt_ids = torch.zeros(self.rows.shape[1], 3)
+        self.txt_ids = torch.zeros(self.rows.shape[1], 3, device=x0.device)
 
-    def loss(self, model, idx: np.ndarray, caption_idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model, idx: torch.Tensor, caption_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x0 = self.x0[idx]
         b = len(idx)
-        t = torch.sigmoid(torch.randn(b, generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(b, generator=gen, device=x0.device))
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         xt = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * noise
-        bias = torch.cat([self.log_counts[caption_idx], torch.zeros(b, x0.shape[1])], dim=1).view(b, 1, 1, -1)
+        bias = torch.cat([self.log_counts[caption_idx], x0.new_zeros(b, x0.shape[1])], dim=1).view(b, 1, 1, -1)
         out = model(hidden_states=xt, encoder_hidden_states=self.rows[caption_idx],
                     pooled_projections=self.pooled[caption_idx], timestep=t, img_ids=self.img_ids,
                     txt_ids=self.txt_ids, joint_attention_kwargs={"attention_mask": bias}, return_dict=False)[0]
@@ -154,10 +157,13 @@ class FlowObjective:
 def text_gain(model, objective, table: np.ndarray, num_train: int, samples: int = 64) -> float:
     """How much the captions help: (loss with the empty caption - loss with the real one) / loss with the empty one,
     on a fixed batch, same noise and timesteps. Near 0 means the model still ignores its text."""
+    device = next(model.parameters()).device
     idx = np.arange(samples) % num_train
     losses = []
     for caption_idx in (np.zeros(samples, np.int64), table[idx, 0]):
-        losses.append(float(objective.loss(model, idx, caption_idx, torch.Generator().manual_seed(1234))))
+        gen = torch.Generator(device=device).manual_seed(1234)
+        losses.append(float(objective.loss(model, torch.from_numpy(idx).to(device),
+                                           torch.from_numpy(caption_idx).to(device), gen)))
     return (losses[0] - losses[1]) / max(losses[0], 1e-12)
 
 
@@ -170,13 +176,15 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
     ``init_from``: a saved pipeline folder whose transformer weights start the run (to continue a run)."""
     output_dir = Path(output_dir)
     setup_torch(seed)
+    log(f"{name}: generating {num_train} images")
+    images, samples = dataset("train", num_train)  # worker processes: fork before any CUDA context exists
     accelerator = make_accelerator()
-    vae = ensure_vae(vae_path, output_dir, seed, minutes)
-    log(f"{name}: generating and encoding {num_train} images")
-    images, _ = make_batch("train", 0, num_train)
+    device = accelerator.device
+    vae = ensure_vae(vae_path, output_dir, seed, minutes).to(device)
+    log(f"{name}: encoding {num_train} images on {device}")
     latents = encode_latents(vae, images)
     del images
-    captions, table = caption_table(num_train)
+    captions, table = caption_table(num_train, samples)
     log(f"{name}: {len(captions)} unique captions; encoding text")
     scaling = float(vae.config.scaling_factor)
     transformer = build_transformer(name, "quality", seed)
@@ -187,10 +195,10 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         transformer.load_state_dict(load_file(str(weights)))
         log(f"{name}: transformer initialised from {init_from}")
     if name == "pixart":
-        pipe = assemble_pixart(transformer, vae, seed)
+        pipe = assemble_pixart(transformer, vae, seed).to(device)
         objective: Any = PixArtObjective(pipe, captions, latents, scaling)
     else:
-        pipe = assemble_flux(transformer, vae, seed)
+        pipe = assemble_flux(transformer, vae, seed).to(device)
         objective = FlowObjective(pipe, captions, latents, scaling, float(vae.config.shift_factor or 0.0))
     log(f"{name}: text encoded; transformer has {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params")
 
@@ -201,33 +209,36 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         opt, lambda s: cosine_lr(s, steps, warmup=200, floor=0.05, progress=budget.progress(s)))
     model, opt = accelerator.prepare(transformer, opt)
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     model.train()
     running = []
     for step in budget.steps():
         idx = rng.integers(0, num_train, size=batch_size)
         caption_idx = table[idx, rng.integers(0, 2, size=batch_size)]
         caption_idx[rng.random(batch_size) < CAPTION_DROPOUT] = 0  # the empty caption
-        loss = objective.loss(model, idx, caption_idx, gen)
+        loss = objective.loss(model, torch.from_numpy(idx).to(device), torch.from_numpy(caption_idx).to(device), gen)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         ema.update(accelerator.unwrap_model(model), step)
-        running.append(loss.item())
+        running.append(loss.detach())  # no .item() per step: a GPU would sync every step
         if step % 100 == 0:
             gain = f" text gain {text_gain(model, objective, table, num_train):.3f}" if step % 500 == 0 else ""
-            log(f"{name} step {step} loss {np.mean(running):.4f}{gain} ({budget.elapsed_min():.1f} min)")
+            log(f"{name} step {step} loss {torch.stack(running).mean().item():.4f}{gain} "
+                f"({budget.elapsed_min():.1f} min)")
             running = []
     train_minutes = budget.elapsed_min()
     pipe.transformer = ema.model.eval()
     pipe.register_modules(transformer=pipe.transformer)
+    pipe.to("cpu")
     if output_dir.exists():
         shutil.rmtree(output_dir)
     pipe.save_pretrained(str(output_dir))
     metrics: dict[str, Any] = {"train_minutes": train_minutes, "steps": step + 1, "batch_size": batch_size,
-                               "final_loss": float(np.mean(running)) if running else math.nan}
+                               "lr": lr, "num_train": num_train, "device": str(device),
+                               "final_loss": torch.stack(running).mean().item() if running else math.nan}
     if eval_prompts:
         from .evaluate import evaluate_pipeline
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run through the workplace's `device` tool, never by CI):
+#   1. the Triton block-sparse kernel compiled for real: correctness vs the fp32 reference, then timings against
+#      dense SDPA (FlashAttention / cuDNN / efficient) at Wan's video token counts (diffusion_accel.kernels.bench_cuda);
+#   2. the two testbed pipelines trained on the GPU with the same command as on CPU (accelerate picks the device),
+#      both at once (tiny models leave the GPU mostly idle).
+# Env: TRAIN_MIN, LR, BATCH, NUM_TRAIN, KERNEL_S (0 skips the kernels), INIT_DIR (continue from <INIT_DIR>/<name>).
+# Results land flat in $OUT (at most 8 files come back). Needs .whl/ with diffusers and importlib_metadata wheels.
+set -u
+OUT=${OUT:-/tmp/device_out}
+TRAIN_MIN=${TRAIN_MIN:-4}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# The package as setuptools installs it (pipelines/, kernels/, eval/ inside diffusion_accel), without a build step.
+mkdir -p /tmp/pkg && cp -r diffusion_accel /tmp/pkg/ && cp -r pipelines kernels eval /tmp/pkg/diffusion_accel/ \
+  && ln -sfn "$PWD/assets" /tmp/pkg/diffusion_accel/assets
+REPO=$PWD
+cd /tmp  # the checkout's own diffusion_accel/ (without pipelines/ inside) must not shadow /tmp/pkg
+export PYTHONPATH=/tmp/pkg:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DA_THREADS=6 TRITON_DEFAULT_FP_FUSION=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/kernels.log"
+if [ "${KERNEL_S:-150}" != 0 ]; then
+  timeout "${KERNEL_S:-150}" python3 -m diffusion_accel.kernels.bench_cuda --json "$OUT/kernels.json" >>"$OUT/kernels.log" 2>&1
+  echo "kernel bench exit $?" | tee -a "$OUT/kernels.log"
+fi
+for name in pixart flow; do
+  (
+    timeout $(( ${TRAIN_MIN%.*} * 60 + 200 )) python3 -m diffusion_accel.pipelines.testbed.train "$name" "/tmp/tb-$name" \
+      --vae-path "$REPO/assets/testbed-pixart/vae" --minutes "$TRAIN_MIN" --steps 1000000 --batch-size "${BATCH:-512}" \
+      --lr "${LR:-8e-4}" --num-train "${NUM_TRAIN:-60000}" --eval-prompts 0 \
+      ${INIT_DIR:+--init-from "$REPO/$INIT_DIR/$name"} >"$OUT/train_$name.log" 2>&1
+    echo "train exit $?" >>"$OUT/train_$name.log"
+    cp "/tmp/tb-$name/transformer/diffusion_pytorch_model.safetensors" "$OUT/$name.safetensors"
+    cp "/tmp/tb-$name/transformer/config.json" "$OUT/$name.config.json"
+  ) &
+done
+wait
+tail -n 3 "$OUT"/train_*.log
+ls -la "$OUT"
