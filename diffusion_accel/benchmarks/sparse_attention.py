@@ -3,7 +3,8 @@
 ``python -m diffusion_accel.benchmarks.sparse_attention --family wan --sparsity 0.75``
 
 Runs a video pipeline (the tiny Wan / CogVideoX components with a wider transformer, so that the latent grid has
-hundreds to thousands of tokens) densely and with each mask at a matched sparsity, and reports the PSNR of each
+hundreds to thousands of tokens) densely and with each mask at one matched measured density (the sliding tile's
+closest to the target; ASA's τ and top-k's fraction bisected onto it), and reports the PSNR of each
 output against the dense one, the measured density and the wall time. Weights are random unless ``--pipeline``
 names a trained one, so the PSNRs measure how well each mask approximates this model's attention, not image quality.
 """
@@ -88,6 +89,24 @@ def calibrate_density(pipe: Any, call: dict[str, Any], base: dict[str, Any], kno
     return best, best_density
 
 
+def bisect_density(pipe: Any, call: dict[str, Any], base: dict[str, Any], knob: str, lo: float, hi: float,
+                   target: float, iters: int = 7) -> tuple[float, float]:
+    """A value of the continuous ``knob`` (density grows with it) whose measured density is closest to ``target``,
+    by bisection on 1-step probe calls; returns ``(value, measured density)``."""
+    probe = {**call, "num_inference_steps": 1}
+    best, best_density = hi, 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        _, _, density = _run(pipe, probe, {**base, knob: mid})
+        if abs(density - target) < abs(best_density - target):
+            best, best_density = mid, density
+        if density > target:
+            hi = mid
+        else:
+            lo = mid
+    return best, best_density
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..eval.fidelity import psnr
 
@@ -108,21 +127,18 @@ def main(argv: list[str] | None = None) -> int:
             "num_frames": args.frames, "num_inference_steps": args.steps, "guidance_scale": 4.0,
             "max_sequence_length": 16, "output_type": "np"}
     common = {"block_size": args.block_size, "backend": args.backend, "min_tokens": 0}
-    target = 1.0 - args.sparsity
-    settings = {
-        "asa": calibrate_density(pipe, call, {**common, "mask": "asa", "min_keep": 1}, "tau",
-                                 [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], target),
-        "sliding_tile": calibrate_density(pipe, call, {**common, "mask": "sliding_tile"}, "window",
-                                          [0, 1, 2, 3, 4, 6, 8, 12], target),
-        "topk": ({"density": target}, target),
-    }
+    # Matched densities: the sliding tile's window is discrete, so its measured density closest to the target sets
+    # the common density; ASA's τ and top-k's kept fraction are continuous and are bisected onto it.
+    window, matched = calibrate_density(pipe, call, {**common, "mask": "sliding_tile"}, "window",
+                                        [0, 1, 2, 3, 4, 6, 8, 12], 1.0 - args.sparsity)
+    tau, _ = bisect_density(pipe, call, {**common, "mask": "asa", "min_keep": 1}, "tau", 0.05, 0.999, matched)
+    keep, _ = bisect_density(pipe, call, {**common, "mask": "topk"}, "density", 0.01, 1.0, matched)
+    configs = {"asa": {**common, "mask": "asa", "min_keep": 1, "tau": tau},
+               "sliding_tile": {**common, "mask": "sliding_tile", "window": window},
+               "topk": {**common, "mask": "topk", "density": keep}}
     dense, dense_time, _ = _run(pipe, call, None)
     rows = {}
-    for name, (value, _) in settings.items():
-        if name == "topk":
-            config = {**common, "mask": "topk", "density": target}
-        else:
-            config = {**common, "mask": name, ("tau" if name == "asa" else "window"): value}
+    for name, config in configs.items():
         times, frames, density = [], None, 1.0
         for _ in range(2):
             frames, elapsed, density = _run(pipe, call, config)
@@ -131,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                                              dense.reshape(-1, *dense.shape[-3:]), strict=True)]
         rows[name] = {"config": config, "density": density, "psnr_vs_dense": float(np.mean(scores)),
                       "wall_s": statistics.median(times)}
-    report = {"family": args.family, "sparsity_target": args.sparsity, "frames": args.frames, "size": args.size,
+    report = {"family": args.family, "sparsity_target": args.sparsity, "matched_density": matched,
+              "frames": args.frames, "size": args.size,
               "steps": args.steps, "block_size": args.block_size, "dense_wall_s": dense_time, "masks": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
