@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from .shapes_net import (
     save_real_statistics,
     save_shapes_net,
 )
-from .train_common import Budget, cosine_lr, log, make_accelerator, setup_torch
+from .train_common import Budget, cosine_lr, log, make_accelerator, report_metrics, setup_torch
 
 
 def targets(samples: list[ShapesSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +103,9 @@ def train_shapes_net(output_dir: str | Path, seed: int = 0, minutes: float | Non
     net = accelerator.unwrap_model(net).eval()
     metrics = evaluate(net)
     metrics["train_minutes"] = budget.elapsed_min()
-    log(f"shapes-net metrics {metrics}")
     save_shapes_net(net, output_dir, extra={"metrics": metrics, "seed": seed})
     try:
         save_real_statistics(output_dir)
     except ImportError as exc:  # diffusion_accel.eval.frechet not there yet
         log(f"real statistics not written ({exc}); run shapes_net.save_real_statistics() later")
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return report_metrics("shapes-net", output_dir, metrics)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,13 @@ def log(message: str) -> None:
     """Print with a timestamp (training runs in the background and is polled through its log)."""
     print(time.strftime("%H:%M:%S"), message, flush=True)
     logger.info(message)
+
+
+def report_metrics(label: str, output_dir: str | Path, metrics: dict, filename: str = "metrics.json") -> dict:
+    """The end of every testbed training run: log ``metrics`` and write them as JSON next to the saved model."""
+    log(f"{label} metrics {metrics}")
+    (Path(output_dir) / filename).write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -12,7 +12,6 @@ the weights, and save the whole pipeline with ``save_pretrained`` (the VAE and t
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -24,7 +23,17 @@ import torch.nn.functional as F
 
 from .models import assemble_flux, assemble_pixart, build_transformer
 from .shapes import make_batch
-from .train_common import EMA, Budget, cosine_lr, dataset, images_to_tensor, log, make_accelerator, setup_torch
+from .train_common import (
+    EMA,
+    Budget,
+    cosine_lr,
+    dataset,
+    images_to_tensor,
+    log,
+    make_accelerator,
+    report_metrics,
+    setup_torch,
+)
 
 CAPTION_DROPOUT = 0.1
 
@@ -243,6 +252,4 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         from .evaluate import evaluate_pipeline
 
         metrics.update(evaluate_pipeline(name, output_dir, num_prompts=eval_prompts))
-    (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    log(f"{name} metrics {metrics}")
-    return metrics
+    return report_metrics(name, output_dir, metrics, "train_metrics.json")

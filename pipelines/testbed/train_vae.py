@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from .models import build_vae
 from .shapes import make_batch
-from .train_common import EMA, Budget, cosine_lr, images_to_tensor, log, make_accelerator, setup_torch
+from .train_common import EMA, Budget, cosine_lr, images_to_tensor, log, make_accelerator, report_metrics, setup_torch
 
 
 @torch.no_grad()
@@ -94,7 +93,5 @@ def train_vae(output_dir: str | Path, seed: int = 0, minutes: float | None = Non
         vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
     metrics = {"latent_mean": mean, "latent_std": std, "train_minutes": budget.elapsed_min(),
                **reconstruction_metrics(vae)}
-    log(f"vae metrics {metrics}")
     vae.save_pretrained(output_dir)
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return report_metrics("vae", output_dir, metrics)
