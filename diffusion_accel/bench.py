@@ -1,7 +1,8 @@
 """``diffusion-accel bench``: baseline and methods side by side in one process.
 
 Per method it reports ``speedup_wall`` (median of interleaved timed calls, baseline / method), ``macs_ratio``
-(denoiser MACs counted with ``torch.utils.flop_counter``, baseline / method), ``nfe``, ``psnr_vs_baseline`` and
+(denoiser MACs counted with ``torch.utils.flop_counter``, baseline / method; summed over every prompt on the
+quality tier, over the timing call on the speed tier), ``nfe``, ``psnr_vs_baseline`` and
 ``ssim_vs_baseline`` (same seeds), and on the testbed ``adherence`` and ``fid_shapes`` (shapes-net). It writes a
 JSON file, a Markdown table, a Pareto plot (speedup vs PSNR) and an image grid.
 """
@@ -147,16 +148,22 @@ def _with_method(pipe: Any, spec: MethodSpec):
 
 def count_denoiser_macs(pipe: Any, kwargs: dict[str, Any], spec: MethodSpec) -> float:
     """MACs of the denoiser for one call (FLOPs / 2, counted by ``torch.utils.flop_counter``)."""
+    with _with_method(pipe, spec):
+        return _generate_counting_macs(pipe, kwargs)[1]
+
+
+def _generate_counting_macs(pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, float]:
+    """``(output, denoiser MACs)`` of one call of the (already patched) pipeline."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .pipelines.adapters import find_adapter
 
     denoiser_name = type(find_adapter(pipe).get_denoiser(pipe)).__name__
     counter = FlopCounterMode(display=False)
-    with _with_method(pipe, spec), counter:
-        _generate(pipe, kwargs)
+    with counter:
+        output = _generate(pipe, kwargs)
     counts = counter.get_flop_counts().get(denoiser_name, {})
-    return sum(counts.values()) / 2.0
+    return output, sum(counts.values()) / 2.0
 
 
 def _peer_reason(pipe: Any, spec: MethodSpec) -> str | None:
@@ -233,26 +240,39 @@ def run_bench(
         else:
             runnable.append(spec)
 
-    # 1. quality: every prompt with a fixed seed per prompt, in batches
+    # 1. quality: every prompt with a fixed seed per prompt, in batches. On the quality tier the denoiser MACs are
+    #    counted over all of these calls, so methods whose work varies per prompt (adaptive guidance, threshold
+    #    caches) get their mean cost, not the cost of one prompt.
+    macs_over_all = tier == "quality"
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, float] = {}
+    macs: dict[str, float] = {}
     for spec in runnable:
-        chunks, nfes = [], []
+        chunks, nfes, total_macs = [], [], 0.0
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             kwargs = _call_kwargs(pipe, family, batch, base_kwargs, steps, guidance_scale, size,
                                   [seed + start + i for i in range(len(batch))])
             kwargs.update(spec.call_overrides)
             with _with_method(pipe, spec):
-                chunks.append(_to_uint8(_generate(pipe, kwargs)))
+                if macs_over_all:
+                    output, batch_macs = _generate_counting_macs(pipe, kwargs)
+                    total_macs += batch_macs
+                else:
+                    output = _generate(pipe, kwargs)
+                chunks.append(_to_uint8(output))
                 nfes.append(da.stats(pipe)["nfe"])
         images[spec.label] = np.concatenate(chunks)
         nfe[spec.label] = float(np.mean(nfes))
+        if macs_over_all:
+            macs[spec.label] = total_macs
 
-    # 2. MACs: one call per method
+    # 2. MACs on the speed tier: one timing call per method
     macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], base_kwargs, steps, guidance_scale, size,
                                [seed + i for i in range(timing_batch)])
-    macs = {spec.label: count_denoiser_macs(pipe, {**macs_kwargs, **spec.call_overrides}, spec) for spec in runnable}
+    if not macs_over_all:
+        macs = {spec.label: count_denoiser_macs(pipe, {**macs_kwargs, **spec.call_overrides}, spec)
+                for spec in runnable}
 
     # 3. wall time: interleaved repeats (the order rotates every round), median per method
     times: dict[str, list[float]] = {spec.label: [] for spec in runnable}
@@ -293,6 +313,7 @@ def run_bench(
                         for s in runnable},
             "median_wall_s": {k: statistics.median(v) for k, v in times.items()},
             "denoiser_macs": macs,
+            "macs_counted_over": "all prompts" if macs_over_all else f"the {timing_batch} timing prompt(s)",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
         },
