@@ -66,6 +66,19 @@ def test_stage_switch_rear_then_front():
     assert [s["blocks_skipped"] for s in steps] == [[], [0, 1, 2], [], [1, 2, 3]]
 
 
+def test_warmup_steps_compute_in_full_then_the_interval_counts_from_there():
+    pipe = tiny_pipeline("pixart_alpha")
+    baseline = run_pipe(pipe, "pixart_alpha", num_inference_steps=6)
+    with da.accelerated(pipe, "delta_cache", interval=2, num_cached_blocks=3, boundary=0, warmup_steps=3):
+        run_pipe(pipe, "pixart_alpha", num_inference_steps=6)
+        steps = da.stats(pipe)["steps"]
+    assert [s["blocks_skipped"] for s in steps] == [[], [], [], [], [0, 1, 2], []]
+    with da.accelerated(pipe, "delta_cache", interval=2, num_cached_blocks=3, warmup_steps=6):
+        assert torch.equal(run_pipe(pipe, "pixart_alpha", num_inference_steps=6), baseline)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        da.apply(pipe, "delta_cache", warmup_steps=-1)
+
+
 def test_compute_fraction_matches_the_paper_formula():
     """Blocks run / blocks total = 1/N + (N-1)/N (1 - N_c/L) when T is a multiple of N."""
     pipe = tiny_pipeline("dit")

@@ -51,6 +51,8 @@ class DeltaCacheConfig(MethodConfig):
         boundary: b, the outline/detail stage boundary: an int step count, or a float in [0, 1) as a fraction of
             the steps T (default 0.6, i.e. 12 of 20).
         stage_order: ``"rear_then_front"`` (the paper: rear blocks cached in the outline stage) or the reverse.
+        warmup_steps: steps computed in full before caching starts; the interval counts from there. Not part of
+            Δ-DiT (0, the default, is the paper's schedule); it protects the first steps, where the layout forms.
         preset: a named setting from :data:`PRESETS`; explicit fields override it.
     """
 
@@ -60,6 +62,7 @@ class DeltaCacheConfig(MethodConfig):
     num_cached_blocks: int | float | None = None
     boundary: int | float | None = None
     stage_order: str = "rear_then_front"
+    warmup_steps: int = 0
     preset: str | None = None
 
     def validate(self) -> None:
@@ -87,6 +90,9 @@ class DeltaCacheConfig(MethodConfig):
         b = self.boundary
         if isinstance(b, bool) or not isinstance(b, (int, float)) or b < 0 or (isinstance(b, float) and b >= 1):
             raise ValueError(f"delta_cache boundary (b) must be an int step >= 0 or a fraction in [0, 1), got {b!r}.")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"delta_cache warmup_steps must be an int >= 0, got {w!r}.")
         if self.stage_order not in _STAGE_ORDERS:
             raise ValueError(f"delta_cache stage_order must be one of {_STAGE_ORDERS}, got {self.stage_order!r}.")
 
@@ -205,7 +211,9 @@ class DeltaCacheMethod(Method):
         ctx = self.session.context
         name = self.active_range(ctx.step_index, ctx.num_steps)
         start, end = self.ranges()[name]
-        cached = ctx.step_index % self.config.interval != 0 and self.stores[name].has(ctx.rows)
+        warmup = self.config.warmup_steps
+        on_schedule = ctx.step_index >= warmup and (ctx.step_index - warmup) % self.config.interval != 0
+        cached = on_schedule and self.stores[name].has(ctx.rows)
         self.plan = _Plan(full=not cached, start=start, end=end, range_name=name)
         self._inputs.clear()
         self._pending.clear()
