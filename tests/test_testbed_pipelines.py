@@ -90,10 +90,23 @@ def test_pipeline_recipe_chains_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(train_diffusion, "train_pipeline", fake_train_pipeline)
     monkeypatch.setitem(train_mod.PIPELINE_RECIPES, "tiny", {"pixart": ({"steps": 1, "lr": 1e-3},
                                                                         {"steps": 3, "lr": 5e-4})})
+    from diffusion_accel.pipelines.testbed import train_vae as train_vae_mod
+
+    vae_trainings = []
+
+    def fake_train_vae(path, **kwargs):
+        vae_trainings.append(path)
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    monkeypatch.setattr(train_vae_mod, "train_vae", fake_train_vae)
     out = tmp_path / "pixart"
     metrics = train_mod.train("pixart", out, minutes=8.0, recipe="tiny", num_train=64)
     assert metrics == {"steps": 3, "recipe": "tiny"}
     (_, dir0, min0, kw0), (_, dir1, min1, kw1) = calls
+    # no VAE given: one is trained next to the final output, once, and every stage uses it
+    assert vae_trainings == [tmp_path / "pixart-vae"]
+    assert kw0["vae_path"] == kw1["vae_path"] == tmp_path / "pixart-vae"
     assert dir0 == tmp_path / "pixart-stage0" and dir1 == out
     assert (min0, min1) == (2.0, 6.0)  # split by steps
     assert kw0["init_from"] is None and kw1["init_from"] == dir0

@@ -82,13 +82,15 @@ def train_pipeline_recipe(name: str, output_dir: str | Path, recipe: str, seed: 
                           **kwargs: Any) -> dict:
     """Run the stages of ``PIPELINE_RECIPES[recipe][name]``; stage ``i`` < last goes to ``<output_dir>-stage<i>``
     and initialises the next one. ``minutes`` is split over the stages in proportion to their steps."""
-    from .train_diffusion import train_pipeline
+    from .train_diffusion import train_pipeline, trained_vae_path
 
     if recipe not in PIPELINE_RECIPES:
         raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(PIPELINE_RECIPES)}.")
     stages = PIPELINE_RECIPES[recipe][name]
     total = sum(stage["steps"] for stage in stages)
     output_dir = Path(output_dir)
+    # one VAE for every stage (trained next to the final output first when none is given)
+    kwargs["vae_path"] = trained_vae_path(kwargs.get("vae_path"), output_dir, seed, minutes)
     previous: Path | None = None
     metrics: dict = {}
     for i, stage in enumerate(stages):

@@ -46,17 +46,24 @@ def alt_caption(index: int, objects) -> str:
     return caption_for([_mention(rng, o, 0.6, 0.5) for o in objects])
 
 
+def trained_vae_path(vae_path: str | Path | None, output_dir: Path, seed: int, minutes: float | None) -> Path:
+    """``vae_path``, or the VAE next to ``output_dir`` (``<output_dir>-vae``), trained first when missing."""
+    if vae_path is not None:
+        return Path(vae_path)
+    vae_path = output_dir.parent / f"{output_dir.name}-vae"
+    if not (vae_path / "config.json").exists():
+        from .train_vae import train_vae
+
+        train_vae(vae_path, seed=seed, minutes=minutes)
+    return vae_path
+
+
 def ensure_vae(vae_path: str | Path | None, output_dir: Path, seed: int, minutes: float | None):
     """Load the VAE from ``vae_path``; train one next to ``output_dir`` when none is given."""
     from diffusers import AutoencoderKL
 
-    if vae_path is None:
-        vae_path = output_dir.parent / f"{output_dir.name}-vae"
-        if not (Path(vae_path) / "config.json").exists():
-            from .train_vae import train_vae
-
-            train_vae(vae_path, seed=seed, minutes=minutes)
-    return AutoencoderKL.from_pretrained(str(vae_path)).eval().requires_grad_(False)
+    path = trained_vae_path(vae_path, output_dir, seed, minutes)
+    return AutoencoderKL.from_pretrained(str(path)).eval().requires_grad_(False)
 
 
 @torch.no_grad()
