@@ -114,6 +114,8 @@ def test_pipeline_recipe_chains_stages(tmp_path, monkeypatch):
     assert kw0["num_train"] == kw1["num_train"] == 64
     with pytest.raises(ValueError, match="Unknown recipe"):
         train_mod.train("pixart", out, recipe="nope")
+    with pytest.raises(ValueError, match="drop steps"):
+        train_mod.train("pixart", out, recipe="tiny", steps=5)
     # explicit hyper-parameters mean one plain run, no recipe
     calls.clear()
     train_mod.train("pixart", out, steps=2, lr=1e-3)

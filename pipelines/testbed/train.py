@@ -35,7 +35,11 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
         from .train_diffusion import train_pipeline
 
         recipe = kwargs.pop("recipe", None)
-        if recipe is None and not any(k in kwargs for k in ("steps", "batch_size", "lr", "init_from")):
+        explicit = [k for k in ("steps", "batch_size", "lr", "init_from") if k in kwargs]
+        if recipe is not None and explicit:
+            raise ValueError(f"recipe={recipe!r} sets its own stages; drop {', '.join(explicit)} to use it, or drop "
+                             "the recipe to run one stage with your settings.")
+        if recipe is None and not explicit:
             recipe = default_recipe()
         if recipe is not None:
             return train_pipeline_recipe(name, output_dir, recipe, seed=seed, minutes=minutes, **kwargs)
@@ -136,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder-only", action="store_true")
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--recipe", choices=sorted(PIPELINE_RECIPES), default=None,
-                        help="pixart/flow: named stages (default: 'shipped' on a GPU, 'cpu' otherwise; ignored when "
-                             "--steps/--lr/--batch-size/--init-from are given)")
+                        help="pixart/flow: named stages (default: 'shipped' on a GPU, 'cpu' otherwise; none when "
+                             "--steps/--lr/--batch-size/--init-from are given, which cannot be combined with it)")
     parser.add_argument("--eval-prompts", type=int, default=None,
                         help="held-out prompts to evaluate after training (pixart/flow; 0 skips the evaluation)")
     args = parser.parse_args(argv)
