@@ -102,6 +102,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_sparsities(ap: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """Comma-separated integer percentages in [0, 100); a bad value is an argparse error naming the range."""
+    try:
+        sparsities = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        ap.error(f"sparsities must be comma-separated integer percentages, got {text!r}")
+    if any(not 0 <= s < 100 for s in sparsities):
+        ap.error("sparsities must be percentages in [0, 100)")
+    return sparsities
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Block-sparse attention CPU benchmark (dense SDPA vs flex/eager).")
     ap.add_argument("--json", help="write the results here")
@@ -117,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.heads, args.repeats, args.sparsities = 1024, 2, 1, "0,50,90"
-    sparsities = tuple(int(s) for s in args.sparsities.split(","))
-    if any(not 0 <= s < 100 for s in sparsities):
-        ap.error("sparsities must be percentages in [0, 100)")
+    sparsities = parse_sparsities(ap, args.sparsities)
     backends = ("flex",) if args.no_eager else ("flex", "eager")
     result = run(args.seq_len, args.heads, args.head_dim, args.block_size, sparsities, args.repeats, backends)
     print(format_table(result))

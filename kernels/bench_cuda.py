@@ -23,6 +23,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from .bench import parse_sparsities
 from .masks import meanpool_topk_mask
 from .reference import masked_attention
 
@@ -180,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("no CUDA device: this benchmark times the Triton kernel on a GPU (CPU: diffusion_accel.kernels.bench)")
     if args.quick:
         args.lengths, args.sparsities = "8192", "0,80,90"
     lengths = tuple(int(x) for x in args.lengths.split(","))
-    sparsities = tuple(int(x) for x in args.sparsities.split(","))
+    if any(n < 1 for n in lengths):
+        ap.error(f"lengths must be positive token counts, got {args.lengths!r}")
+    sparsities = parse_sparsities(ap, args.sparsities)
+    if not torch.cuda.is_available():
+        ap.error("no CUDA device: this benchmark times the Triton kernel on a GPU (CPU: diffusion_accel.kernels.bench)")
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {"config": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": __import__("triton").__version__, "machine": platform.machine()}}

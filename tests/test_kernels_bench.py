@@ -22,3 +22,16 @@ def test_bench_quick_writes_json_and_table(tmp_path, capsys):
     assert [r["actual_sparsity"] for r in rows] == [0.0, 0.5, 0.875]
     table = capsys.readouterr().out
     assert "sparsity" in table and "flex ms" in table and "90%" in table
+
+
+def test_both_kernel_benches_reject_bad_sparsities_and_lengths(capsys):
+    import pytest
+    from diffusion_accel.kernels import bench_cuda
+
+    for main, argv in ((bench.main, ["--sparsities", "0,100"]), (bench_cuda.main, ["--sparsities", "50,120"]),
+                       (bench_cuda.main, ["--sparsities", "half"]), (bench_cuda.main, ["--lengths", "0,4096"])):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "percentages in [0, 100)" in err and "integer percentages" in err and "positive token counts" in err
