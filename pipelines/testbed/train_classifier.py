@@ -20,7 +20,7 @@ from .shapes_net import (
     save_real_statistics,
     save_shapes_net,
 )
-from .train_common import Budget, cosine_lr, log, make_accelerator, report_metrics, setup_torch
+from .train_common import Budget, log, make_accelerator, optimizer_step, report_metrics, setup_torch
 
 
 def targets(samples: list[ShapesSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +82,7 @@ def train_shapes_net(output_dir: str | Path, seed: int = 0, minutes: float | Non
     net = ShapesNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     budget = Budget(steps, minutes)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, steps, warmup=100, floor=0.02, progress=budget.progress(s)))
+    sched = budget.lr_scheduler(opt, warmup=100, floor=0.02)
     net, opt = accelerator.prepare(net, opt)
     rng = np.random.default_rng(seed)
     net.train()
@@ -94,10 +93,7 @@ def train_shapes_net(output_dir: str | Path, seed: int = 0, minutes: float | Non
         loss = F.cross_entropy(out["cls"].reshape(-1, out["cls"].shape[-1]), t_cls[idx].reshape(-1).to(x.device))
         loss = loss + 0.3 * F.cross_entropy(out["size"].reshape(-1, len(SIZE_NAMES)),
                                             t_size[idx].reshape(-1).to(x.device), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
-        sched.step()
+        optimizer_step(accelerator, net, opt, sched, loss)
         if step % 100 == 0:
             log(f"shapes-net step {step} loss {loss.item():.4f}")
     net = accelerator.unwrap_model(net).eval()

@@ -118,6 +118,22 @@ class Budget:
             frac = max(frac, (time.time() - self.start) / max(1e-9, self.deadline - self.start))
         return min(1.0, frac)
 
+    def lr_scheduler(self, opt: torch.optim.Optimizer, warmup: int, floor: float):
+        """Warm-up then cosine decay to ``floor`` over this budget (steps or wall clock, whichever runs out first)."""
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_lr(s, self.max_steps, warmup=warmup, floor=floor, progress=self.progress(s)))
+
+
+def optimizer_step(accelerator, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, loss: torch.Tensor,
+                   clip_norm: float | None = None) -> None:
+    """One update: zero the gradients, backward through ``accelerator``, optionally clip, step, advance the LR."""
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if clip_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), clip_norm)
+    opt.step()
+    sched.step()
+
 
 def cosine_lr(step: int, total: int, warmup: int = 100, floor: float = 0.1, progress: float | None = None) -> float:
     """Warm-up then cosine decay to ``floor`` (a multiplier for LambdaLR); ``progress`` in [0, 1] overrides the

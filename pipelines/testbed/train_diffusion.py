@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from .models import assemble_flux, assemble_pixart, build_transformer
-from .shapes import make_batch
 from .train_common import (
     EMA,
     Budget,
-    cosine_lr,
     dataset,
     images_to_tensor,
     log,
     make_accelerator,
+    optimizer_step,
     report_metrics,
     setup_torch,
 )
@@ -76,13 +75,10 @@ def encode_latents(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
     return torch.cat(out)
 
 
-def caption_table(num_train: int, samples=None) -> tuple[list[str], np.ndarray]:
-    """Unique captions and, per training image, the indices of its two captions ``[N, 2]`` (``samples``: the
-    training samples when already generated)."""
-    if samples is None:
-        _, samples = make_batch("train", 0, num_train)
+def caption_table(samples) -> tuple[list[str], np.ndarray]:
+    """Unique captions and, per training sample, the indices of its two captions ``[N, 2]``."""
     unique: dict[str, int] = {"": 0}
-    table = np.zeros((num_train, 2), np.int64)
+    table = np.zeros((len(samples), 2), np.int64)
     for i, s in enumerate(samples):
         for j, cap in enumerate((s.caption, alt_caption(i, s.objects))):
             table[i, j] = unique.setdefault(cap, len(unique))
@@ -200,7 +196,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
     log(f"{name}: encoding {num_train} images on {device}")
     latents = encode_latents(vae, images)
     del images
-    captions, table = caption_table(num_train, samples)
+    captions, table = caption_table(samples)
     log(f"{name}: {len(captions)} unique captions; encoding text")
     scaling = float(vae.config.scaling_factor)
     transformer = build_transformer(name, "quality", seed)
@@ -221,8 +217,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
     ema = EMA(transformer, decay=0.999)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     budget = Budget(steps, minutes)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, steps, warmup=200, floor=0.05, progress=budget.progress(s)))
+    sched = budget.lr_scheduler(opt, warmup=200, floor=0.05)
     model, opt = accelerator.prepare(transformer, opt)
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -233,11 +228,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         caption_idx = table[idx, rng.integers(0, 2, size=batch_size)]
         caption_idx[rng.random(batch_size) < CAPTION_DROPOUT] = 0  # the empty caption
         loss = objective.loss(model, torch.from_numpy(idx).to(device), torch.from_numpy(caption_idx).to(device), gen)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(accelerator, model, opt, sched, loss, clip_norm=1.0)
         ema.update(accelerator.unwrap_model(model), step)
         running.append(loss.detach())  # no .item() per step: a GPU would sync every step
         if step % 100 == 0:

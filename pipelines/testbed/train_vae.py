@@ -11,7 +11,16 @@ import torch.nn.functional as F
 
 from .models import build_vae
 from .shapes import make_batch
-from .train_common import EMA, Budget, cosine_lr, images_to_tensor, log, make_accelerator, report_metrics, setup_torch
+from .train_common import (
+    EMA,
+    Budget,
+    images_to_tensor,
+    log,
+    make_accelerator,
+    optimizer_step,
+    report_metrics,
+    setup_torch,
+)
 
 
 @torch.no_grad()
@@ -67,8 +76,7 @@ def train_vae(output_dir: str | Path, seed: int = 0, minutes: float | None = Non
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     budget = Budget(steps, minutes)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, steps, warmup=50, floor=0.05, progress=budget.progress(s)))
+    sched = budget.lr_scheduler(opt, warmup=50, floor=0.05)
     vae, opt = accelerator.prepare(vae, opt)
     rng = np.random.default_rng(seed)
     vae.train()
@@ -79,11 +87,7 @@ def train_vae(output_dir: str | Path, seed: int = 0, minutes: float | None = Non
             kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar).mean()
         rec = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(accelerator, vae, opt, sched, loss, clip_norm=1.0)
         ema.update(accelerator.unwrap_model(vae), step)
         if step % 50 == 0:
             log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f}")
