@@ -1,4 +1,4 @@
-"""CPU kernel benchmark: dense SDPA vs block-sparse attention (compiled flex, eager) across sparsity levels.
+"""CPU kernel benchmark: dense SDPA vs block-sparse attention (our C++ kernel, compiled flex, eager) across sparsity.
 
     python -m diffusion_accel.kernels.bench --json out.json          # L=16384, H=8, D=64, block 128 (minutes)
     python -m diffusion_accel.kernels.bench --quick --json out.json  # small smoke run
@@ -38,12 +38,24 @@ def run(
     block_size: int = 128,
     sparsities=FULL_SPARSITIES,
     repeats: int = 3,
-    backends=("flex", "eager"),
+    backends=("cpp", "flex", "eager"),
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     log=print,
 ) -> dict:
     """Run the benchmark and return a JSON-able dict (times in milliseconds)."""
+    backends = tuple(backends)
+    skipped = {}
+    if "cpp" in backends:
+        from .cpu_ext import build_error, cpu_kernel
+
+        t0 = time.perf_counter()
+        if cpu_kernel() is None:
+            skipped["cpp"] = build_error()
+            backends = tuple(b for b in backends if b != "cpp")
+            log(f"cpp backend skipped: {skipped['cpp']}")
+        else:
+            log(f"cpp kernel ready (build or load): {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=g, dtype=dtype) for _ in range(3))
     masks = {}
@@ -57,8 +69,10 @@ def run(
         return F.scaled_dot_product_attention(q, k, v)
 
     with torch.inference_mode():
-        t_compile, _ = _timed(lambda: block_sparse_attention(q, k, v, masks[sparsities[0]], backend="flex"))
-        log(f"warm-up (flex compile + first call): {t_compile:.1f} s")
+        t_compile = 0.0
+        if "flex" in backends:
+            t_compile, _ = _timed(lambda: block_sparse_attention(q, k, v, masks[sparsities[0]], backend="flex"))
+            log(f"warm-up (flex compile + first call): {t_compile:.1f} s")
         dense()
         for r in range(repeats):
             dense_times.append(_timed(dense)[0])
@@ -67,9 +81,10 @@ def run(
                 for b in backends:
                     t, outs[b] = _timed(lambda b=b, s=s: block_sparse_attention(q, k, v, masks[s], backend=b))
                     times[b][s].append(t)
-                if len(outs) > 1:
-                    vals = list(outs.values())
-                    max_diff[s] = max(max_diff.get(s, 0.0), float((vals[0] - vals[1]).abs().max()))
+                if len(outs) > 1:  # every backend against the first one
+                    first, *rest = outs.values()
+                    diff = max(float((first - o).abs().max()) for o in rest)
+                    max_diff[s] = max(max_diff.get(s, 0.0), diff)
             log(f"round {r + 1}/{repeats} done")
     dense_ms = statistics.median(dense_times) * 1e3
     rows = []
@@ -87,6 +102,7 @@ def run(
                    "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "backends": list(backends),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()},
         "warmup_s": round(t_compile, 2),
+        "skipped_backends": skipped,
         "rows": rows,
     }
 
@@ -124,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sparsities", type=str, default=",".join(map(str, FULL_SPARSITIES)),
                     help="comma-separated percentages")
-    ap.add_argument("--no-eager", action="store_true", help="time compiled flex only")
+    ap.add_argument("--backends", default="cpp,flex,eager",
+                    help="comma-separated subset of cpp (our C++ kernel), flex (compiled FlexAttention), eager")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.heads, args.repeats, args.sparsities = 1024, 2, 1, "0,50,90"
     sparsities = parse_sparsities(ap, args.sparsities)
-    backends = ("flex",) if args.no_eager else ("flex", "eager")
+    backends = tuple(b for b in args.backends.split(",") if b)
+    if not backends or any(b not in ("cpp", "flex", "eager") for b in backends):
+        ap.error(f"--backends must be a comma-separated subset of cpp,flex,eager; got {args.backends!r}")
     result = run(args.seq_len, args.heads, args.head_dim, args.block_size, sparsities, args.repeats, backends)
     print(format_table(result))
     if args.json:

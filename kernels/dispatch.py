@@ -2,10 +2,12 @@
 
 Backends (``backend=``):
 
-* ``"auto"`` (default): Triton on CUDA when triton imports; otherwise compiled FlexAttention; the eager gather
-  path when flex cannot serve the call (CPU autograd or ``return_lse=True`` on CPU: compiled flex on CPU is
-  inference-only and cannot return the LSE; float64; or ``torch.compile`` failed once in this process).
+* ``"auto"`` (default): Triton on CUDA when triton imports; on CPU our C++ kernel (``"cpp"``) for forward passes
+  when it builds here, else compiled FlexAttention; other devices compiled FlexAttention; the eager gather path when
+  none of those can serve the call (CPU autograd: neither the C++ kernel nor compiled flex has a CPU backward;
+  float64; or the build / ``torch.compile`` failed once in this process).
 * ``"triton"``: Triton kernel (CPU tensors run in Triton's interpreter: slow, for tests).
+* ``"cpp"``: the CPU C++ kernel (:mod:`.cpu_ext`, compiled on first use; forward only, returns the LSE).
 * ``"flex"``: compiled FlexAttention; ``"flex_eager"``: uncompiled flex (dense cost, cross-check only).
 * ``"eager"``: plain-PyTorch gather of kept key blocks (any device, autograd).
 * ``"reference"``: dense SDPA-style math with the expanded token mask (O(L^2) memory; tests).
@@ -23,7 +25,7 @@ from .reference import reference_attention
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "flex", "flex_eager", "eager", "reference")
+BACKENDS = ("auto", "triton", "cpp", "flex", "flex_eager", "eager", "reference")
 # (device type, dtype) -> first compiled-flex failure; auto stops trying flex for that pair afterwards
 _FLEX_BROKEN: dict[tuple[str, torch.dtype], str] = {}
 
@@ -70,9 +72,18 @@ def _needs_grad(*ts: torch.Tensor) -> bool:
 def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool) -> str:
     if q.device.type == "cuda" and triton_available() and q.dtype != torch.float64:
         return "triton"
-    if q.dtype == torch.float64 or (q.device.type, q.dtype) in _FLEX_BROKEN:
+    if q.dtype == torch.float64:
         return "eager"
-    if q.device.type == "cpu" and (return_lse or _needs_grad(q, k, v)):
+    if q.device.type == "cpu":
+        if _needs_grad(q, k, v):
+            return "eager"
+        from .cpu_ext import cpu_kernel
+
+        if cpu_kernel() is not None:
+            return "cpp"
+        if return_lse:
+            return "eager"
+    if (q.device.type, q.dtype) in _FLEX_BROKEN:
         return "eager"
     return "flex"
 
@@ -86,6 +97,13 @@ def _run(name: str, q, k, v, mask: BlockSparseMask, scale, return_lse: bool):
         from .triton_block_sparse import triton_block_sparse_attention
 
         return triton_block_sparse_attention(q, k, v, mask, scale)
+    if name == "cpp":
+        from .cpu_ext import cpu_block_sparse_attention
+
+        if _needs_grad(q, k, v):
+            raise ValueError("backend='cpp' is forward-only; use backend='eager' (or 'auto') for autograd on CPU")
+        out, lse = cpu_block_sparse_attention(q, k, v, mask, scale)
+        return out, lse if return_lse else None
     if name in ("flex", "flex_eager"):
         from .flex import flex_block_sparse_attention
 

@@ -1,4 +1,4 @@
-"""Reference, eager, compiled-flex paths and the dispatcher against the dense reference and SDPA."""
+"""Reference, eager, C++ (CPU), compiled-flex paths and the dispatcher against the dense reference and SDPA."""
 
 from __future__ import annotations
 
@@ -99,7 +99,60 @@ def test_compiled_flex_matches_reference_ragged():
     torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)
 
 
-def test_auto_routes_cpu_grad_and_lse_to_eager(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mb,mh,lq,lk,bs", [(1, 2, 300, 260, 128), (2, 1, 200, 168, 64), (2, 2, 77, 130, 32)])
+def test_cpp_kernel_matches_reference(dtype, mb, mh, lq, lk, bs):
+    """Ragged Lq != Lk, masks broadcast over B or H, an empty query-block row (0 output, -inf LSE)."""
+    q, k, v = _inputs(2, 2, lq, lk, 64, dtype)
+    m = _random_mask(mb, mh, lq, lk, bs, seed=lq)
+    with torch.inference_mode():
+        out, lse = block_sparse_attention(q, k, v, m, backend="cpp", return_lse=True)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), m)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
+    _close(out, ref, dtype)
+    assert (out[:, :, :bs] == 0).all() and torch.isinf(lse[:, :, :bs]).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-4, rtol=1e-4)
+
+
+def test_cpp_kernel_full_density_equals_sdpa_and_refuses_what_it_cannot_do():
+    q, k, v = _inputs(2, 3, 384, 320, 64, seed=3)
+    full = full_mask(384, 320, 128)
+    with torch.inference_mode():
+        out = block_sparse_attention(q, k, v, full, backend="cpp")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="forward-only"):
+        block_sparse_attention(q.clone().requires_grad_(), k, v, full, backend="cpp")
+    with pytest.raises(ValueError, match="float64"):
+        block_sparse_attention(q.double(), k.double(), v.double(), full, backend="cpp")
+
+
+def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch):
+    from diffusion_accel.kernels import cpu_ext
+
+    calls = []
+    real = dispatch_mod._run
+
+    def spy(name, *a, **kw):
+        calls.append(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(dispatch_mod, "_run", spy)
+    monkeypatch.setattr(cpu_ext, "cpu_kernel", lambda: None)
+    monkeypatch.setattr(cpu_ext, "_BUILD_ERROR", ["CalledProcessError: no compiler"])
+    q, k, v = _inputs(1, 2, 96, 96, 16)
+    m = _random_mask(1, 2, 96, 96, 32)
+    with torch.inference_mode():
+        out = block_sparse_attention(q, k, v, m)
+        _, lse = block_sparse_attention(q, k, v, m, return_lse=True)  # compiled flex on CPU has no LSE
+    torch.testing.assert_close(out, reference_attention(q, k, v, m)[0], atol=1e-5, rtol=1e-5)
+    assert calls == ["flex", "eager"] and lse.shape == (1, 2, 96)
+    with pytest.raises(RuntimeError, match="unavailable here: CalledProcessError: no compiler"):
+        block_sparse_attention(q, k, v, m, backend="cpp")
+
+
+def test_auto_routes_cpu_grad_and_fp64_to_eager_and_lse_to_cpp(monkeypatch):
     calls = []
     real = dispatch_mod._run
 
@@ -111,9 +164,9 @@ def test_auto_routes_cpu_grad_and_lse_to_eager(monkeypatch):
     q, k, v = _inputs(1, 1, 64, 64, 16)
     m = full_mask(64, 64, 32)
     block_sparse_attention(q.requires_grad_(), k, v, m)
-    block_sparse_attention(q.detach(), k, v, m, return_lse=True)
+    block_sparse_attention(q.detach(), k, v, m, return_lse=True)  # the C++ kernel returns the LSE
     block_sparse_attention(q.double().detach(), k.double(), v.double(), m)
-    assert calls == ["eager", "eager", "eager"]
+    assert calls == ["eager", "cpp", "eager"]
     with pytest.raises(ValueError, match="inference-only"):
         block_sparse_attention(q, k, v, m, backend="flex", return_lse=True)
 
@@ -123,8 +176,9 @@ def test_auto_falls_back_to_eager_when_compile_fails(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(dispatch_mod, "_FLEX_BROKEN", {})
-    from diffusion_accel.kernels import flex
+    from diffusion_accel.kernels import cpu_ext, flex
 
+    monkeypatch.setattr(cpu_ext, "cpu_kernel", lambda: None)  # no C++ kernel either
     monkeypatch.setattr(flex, "flex_block_sparse_attention", broken)
     q, k, v = _inputs(1, 2, 96, 96, 16)
     m = _random_mask(1, 2, 96, 96, 32)

@@ -51,7 +51,8 @@ class SparseAttentionConfig(MethodConfig):
         window: sliding tile: (f, h, w) token distance of kept tiles (int = same on every axis).
         reorder: order tokens along the 3-D Gilbert curve of the latent grid before blocking.
         mask_refresh: recompute masks every this many steps (1 = every step).
-        backend: kernel backend (``"auto"``: Triton on CUDA, compiled FlexAttention elsewhere, eager last).
+        backend: kernel backend (``"auto"``: Triton on CUDA, our C++ kernel on CPU, compiled FlexAttention
+            elsewhere, eager last).
         min_tokens: self-attention over fewer image tokens than this stays dense (a few blocks leave nothing to
             skip, and compiling a kernel for them costs more than it saves).
     """
