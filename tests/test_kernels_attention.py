@@ -128,10 +128,10 @@ def test_cpp_kernel_full_density_equals_sdpa_and_refuses_what_it_cannot_do():
         block_sparse_attention(q.double(), k.double(), v.double(), full, backend="cpp")
 
 
-def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch):
-    from diffusion_accel.kernels import cpu_ext
-
-    calls = []
+@pytest.fixture
+def backend_calls(monkeypatch) -> list[str]:
+    """The backend names the dispatcher runs, in order."""
+    calls: list[str] = []
     real = dispatch_mod._run
 
     def spy(name, *a, **kw):
@@ -139,6 +139,12 @@ def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch)
         return real(name, *a, **kw)
 
     monkeypatch.setattr(dispatch_mod, "_run", spy)
+    return calls
+
+
+def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch, backend_calls):
+    from diffusion_accel.kernels import cpu_ext
+
     monkeypatch.setattr(cpu_ext, "cpu_kernel", lambda: None)
     monkeypatch.setattr(cpu_ext, "_BUILD_ERROR", ["CalledProcessError: no compiler"])
     q, k, v = _inputs(1, 2, 96, 96, 16)
@@ -147,26 +153,18 @@ def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch)
         out = block_sparse_attention(q, k, v, m)
         _, lse = block_sparse_attention(q, k, v, m, return_lse=True)  # compiled flex on CPU has no LSE
     torch.testing.assert_close(out, reference_attention(q, k, v, m)[0], atol=1e-5, rtol=1e-5)
-    assert calls == ["flex", "eager"] and lse.shape == (1, 2, 96)
+    assert backend_calls == ["flex", "eager"] and lse.shape == (1, 2, 96)
     with pytest.raises(RuntimeError, match="unavailable here: CalledProcessError: no compiler"):
         block_sparse_attention(q, k, v, m, backend="cpp")
 
 
-def test_auto_routes_cpu_grad_and_fp64_to_eager_and_lse_to_cpp(monkeypatch):
-    calls = []
-    real = dispatch_mod._run
-
-    def spy(name, *a, **kw):
-        calls.append(name)
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(dispatch_mod, "_run", spy)
+def test_auto_routes_cpu_grad_and_fp64_to_eager_and_lse_to_cpp(backend_calls):
     q, k, v = _inputs(1, 1, 64, 64, 16)
     m = full_mask(64, 64, 32)
     block_sparse_attention(q.requires_grad_(), k, v, m)
     block_sparse_attention(q.detach(), k, v, m, return_lse=True)  # the C++ kernel returns the LSE
     block_sparse_attention(q.double().detach(), k.double(), v.double(), m)
-    assert calls == ["eager", "cpp", "eager"]
+    assert backend_calls == ["eager", "cpp", "eager"]
     with pytest.raises(ValueError, match="inference-only"):
         block_sparse_attention(q, k, v, m, backend="flex", return_lse=True)
 
