@@ -128,6 +128,20 @@ class BlockSparseMask:
         dense.scatter_(-1, target, True)
         return dense[..., :kb].contiguous()
 
+    def check_indices(self) -> None:
+        """Raise ``ValueError`` unless every count is in ``[0, max_keep]`` and every used index in ``[0, Kb)``.
+
+        Kernels that read key blocks by index (the C++ CPU kernel) call this first: a hand-built mask with a bad
+        index would otherwise read outside K/V. Masks from our builders and ``from_dense`` always pass.
+        """
+        kb, width = self.num_kv_blocks, self.indices.shape[-1]
+        if bool(((self.counts < 0) | (self.counts > width)).any()):
+            raise ValueError(f"mask counts must be in [0, {width}] (the indices' last dim); rebuild it with from_dense")
+        used = torch.arange(width, device=self.device) < self.counts.unsqueeze(-1)
+        if bool((used & ((self.indices < 0) | (self.indices >= kb))).any()):
+            raise ValueError(f"mask indices must be key-block ids in [0, {kb}) for kv_len={self.kv_len}, block_size="
+                             f"{self.block_size}; rebuild it with from_dense")
+
     def to_token_mask(self) -> torch.Tensor:
         """Token-level bool mask ``[B or 1, H or 1, Lq, Lk]`` (memory O(L^2): references and small tests only)."""
         dense = self.to_dense()

@@ -90,6 +90,7 @@ def cpu_block_sparse_attention(
     if q.dtype == torch.float64:
         raise ValueError("backend='cpp' computes in float32; use backend='eager' for float64")
     bsz, heads, _, dim = q.shape
+    block_mask.check_indices()  # the kernel reads K/V blocks by these ids
     mask = block_mask.expand(bsz, heads)
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))

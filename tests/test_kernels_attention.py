@@ -116,6 +116,19 @@ def test_cpp_kernel_matches_reference(dtype, mb, mh, lq, lk, bs):
     torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-4, rtol=1e-4)
 
 
+def test_cpp_kernel_rejects_out_of_range_block_ids():
+    from diffusion_accel.kernels.block_mask import BlockSparseMask as Mask
+
+    q, k, v = _inputs(1, 1, 128, 128, 16)
+    good = _random_mask(1, 1, 128, 128, 32, empty_row=False)
+    bad_index = Mask(good.counts, good.indices.clone().fill_(4), 32, 128, 128)  # Kb = 4: ids 0..3
+    bad_count = Mask(good.counts.clone().fill_(good.indices.shape[-1] + 1), good.indices, 32, 128, 128)
+    with torch.inference_mode():
+        for bad, msg in ((bad_index, "indices must be key-block ids in \\[0, 4\\)"), (bad_count, "counts must be")):
+            with pytest.raises(ValueError, match=msg):
+                block_sparse_attention(q, k, v, bad, backend="cpp")
+
+
 def test_cpp_kernel_full_density_equals_sdpa_and_refuses_what_it_cannot_do():
     q, k, v = _inputs(2, 3, 384, 320, 64, seed=3)
     full = full_mask(384, 320, 128)
