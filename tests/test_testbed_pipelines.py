@@ -78,13 +78,19 @@ def test_parallel_dataset_equals_one_process():
 
 def test_pipeline_recipe_chains_stages(tmp_path, monkeypatch):
     """A two-stage recipe: stage 0 goes to <out>-stage0 and initialises stage 1, which is the output."""
+    import time
+
     from diffusion_accel.pipelines.testbed import train as train_mod
     from diffusion_accel.pipelines.testbed import train_diffusion
 
     calls = []
+    clock = [1000.0]  # a fake time.monotonic(): the fake trainings below "take" minutes
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
 
     def fake_train_pipeline(name, output_dir, seed=0, minutes=None, **kwargs):
         calls.append((name, output_dir, minutes, kwargs))
+        if minutes is not None:
+            clock[0] += 60 * minutes  # uses its whole share
         return {"steps": kwargs["steps"]}
 
     monkeypatch.setattr(train_diffusion, "train_pipeline", fake_train_pipeline)
@@ -94,8 +100,9 @@ def test_pipeline_recipe_chains_stages(tmp_path, monkeypatch):
 
     vae_trainings = []
 
-    def fake_train_vae(path, **kwargs):
-        vae_trainings.append(path)
+    def fake_train_vae(path, minutes=None, **kwargs):
+        vae_trainings.append((path, minutes))
+        clock[0] += 60 * 2.0  # the VAE takes 2 of the 8 minutes
         path.mkdir(parents=True)
         (path / "config.json").write_text("{}")
 
@@ -105,10 +112,11 @@ def test_pipeline_recipe_chains_stages(tmp_path, monkeypatch):
     assert metrics == {"steps": 3, "recipe": "tiny"}
     (_, dir0, min0, kw0), (_, dir1, min1, kw1) = calls
     # no VAE given: one is trained next to the final output, once, and every stage uses it
-    assert vae_trainings == [tmp_path / "pixart-vae"]
+    assert vae_trainings == [(tmp_path / "pixart-vae", pytest.approx(8.0 / 3))]  # capped at a third
     assert kw0["vae_path"] == kw1["vae_path"] == tmp_path / "pixart-vae"
     assert dir0 == tmp_path / "pixart-stage0" and dir1 == out
-    assert (min0, min1) == (2.0, 6.0)  # split by steps
+    # --minutes caps the whole command: the 6 minutes left after the VAE are split by steps (1 : 3)
+    assert (min0, min1) == (pytest.approx(1.5), pytest.approx(4.5))
     assert kw0["init_from"] is None and kw1["init_from"] == dir0
     assert kw0["eval_prompts"] == 0 and "eval_prompts" not in kw1
     assert kw0["num_train"] == kw1["num_train"] == 64

@@ -59,7 +59,9 @@ def add_testbed_parser(subparsers: Any) -> None:
     tr = sub.add_parser("train", help="train a testbed model (shapes-net, vae, pixart, flow)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder)")
-    tr.add_argument("--minutes", type=float, default=None, help="wall-clock cap of the training loop")
+    tr.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock cap of the whole training command (a VAE trained on the way gets at most a "
+                         "third; the final evaluation is not counted)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
     tr.add_argument("--recipe", default=None, choices=("shipped", "cpu"),

@@ -85,13 +85,17 @@ def default_recipe() -> str:
 def train_pipeline_recipe(name: str, output_dir: str | Path, recipe: str, seed: int = 0, minutes: float | None = None,
                           **kwargs: Any) -> dict:
     """Run the stages of ``PIPELINE_RECIPES[recipe][name]``; stage ``i`` < last goes to ``<output_dir>-stage<i>``
-    and initialises the next one. ``minutes`` is split over the stages in proportion to their steps."""
-    from .train_diffusion import train_pipeline, trained_vae_path
+    and initialises the next one. ``minutes`` caps the whole command: a VAE trained on the way first (within its
+    share), then what is left is split over the stages in proportion to their steps."""
+    import time
+
+    from .train_diffusion import minutes_left, train_pipeline, trained_vae_path
+
+    started = time.monotonic()
 
     if recipe not in PIPELINE_RECIPES:
         raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(PIPELINE_RECIPES)}.")
     stages = PIPELINE_RECIPES[recipe][name]
-    total = sum(stage["steps"] for stage in stages)
     output_dir = Path(output_dir)
     # one VAE for every stage (trained next to the final output first when none is given)
     kwargs["vae_path"] = trained_vae_path(kwargs.get("vae_path"), output_dir, seed, minutes)
@@ -100,7 +104,8 @@ def train_pipeline_recipe(name: str, output_dir: str | Path, recipe: str, seed: 
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
         target = output_dir if last else output_dir.with_name(f"{output_dir.name}-stage{i}")
-        share = None if minutes is None else minutes * stage["steps"] / total
+        left = minutes_left(minutes, started)
+        share = None if left is None else left * stage["steps"] / sum(st["steps"] for st in stages[i:])
         extra = dict(kwargs)
         if not last:
             extra["eval_prompts"] = 0

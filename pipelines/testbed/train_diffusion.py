@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,28 @@ def alt_caption(index: int, objects) -> str:
     return caption_for([_mention(rng, o, 0.6, 0.5) for o in objects])
 
 
+#: Share of a command's ``minutes`` that a VAE trained on the way may use (the denoiser gets what is left).
+VAE_BUDGET_SHARE = 1 / 3
+
+
 def trained_vae_path(vae_path: str | Path | None, output_dir: Path, seed: int, minutes: float | None) -> Path:
-    """``vae_path``, or the VAE next to ``output_dir`` (``<output_dir>-vae``), trained first when missing."""
+    """``vae_path``, or the VAE next to ``output_dir`` (``<output_dir>-vae``), trained first when missing, within
+    ``VAE_BUDGET_SHARE`` of the command's ``minutes``."""
     if vae_path is not None:
         return Path(vae_path)
     vae_path = output_dir.parent / f"{output_dir.name}-vae"
     if not (vae_path / "config.json").exists():
         from .train_vae import train_vae
 
-        train_vae(vae_path, seed=seed, minutes=minutes)
+        train_vae(vae_path, seed=seed, minutes=None if minutes is None else minutes * VAE_BUDGET_SHARE)
     return vae_path
+
+
+def minutes_left(minutes: float | None, started: float) -> float | None:
+    """What remains of a wall-clock cap of ``minutes`` begun at ``time.monotonic()`` = ``started`` (at least 0.5)."""
+    if minutes is None:
+        return None
+    return max(minutes - (time.monotonic() - started) / 60.0, 0.5)
 
 
 def ensure_vae(vae_path: str | Path | None, output_dir: Path, seed: int, minutes: float | None):
@@ -185,7 +198,9 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
                    init_from: str | Path | None = None) -> dict[str, Any]:
     """Train testbed pipeline ``name`` ("pixart" or "flow") and ``save_pretrained`` it to ``output_dir``.
 
-    ``init_from``: a saved pipeline folder whose transformer weights start the run (to continue a run)."""
+    ``minutes`` caps the whole call: data, a VAE trained on the way (at most ``VAE_BUDGET_SHARE``) and the training
+    loop, which gets what is left. ``init_from``: a saved pipeline folder whose transformer weights start the run."""
+    started = time.monotonic()
     output_dir = Path(output_dir)
     setup_torch(seed)
     log(f"{name}: generating {num_train} images")
@@ -216,7 +231,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
 
     ema = EMA(transformer, decay=0.999)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    budget = Budget(steps, minutes)
+    budget = Budget(steps, minutes_left(minutes, started))
     sched = budget.lr_scheduler(opt, warmup=200, floor=0.05)
     model, opt = accelerator.prepare(transformer, opt)
     rng = np.random.default_rng(seed)
