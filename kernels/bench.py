@@ -23,6 +23,7 @@ from .dispatch import block_sparse_attention
 from .masks import meanpool_topk_mask
 
 FULL_SPARSITIES = (0, 25, 50, 75, 80, 90, 95)
+CPU_BACKENDS = ("cpp", "flex", "eager")  # our C++ kernel, compiled FlexAttention, eager gather
 
 
 def _timed(fn) -> tuple[float, torch.Tensor]:
@@ -38,7 +39,7 @@ def run(
     block_size: int = 128,
     sparsities=FULL_SPARSITIES,
     repeats: int = 3,
-    backends=("cpp", "flex", "eager"),
+    backends=CPU_BACKENDS,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     log=print,
@@ -140,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sparsities", type=str, default=",".join(map(str, FULL_SPARSITIES)),
                     help="comma-separated percentages")
-    ap.add_argument("--backends", default="cpp,flex,eager",
+    ap.add_argument("--backends", default=",".join(CPU_BACKENDS),
                     help="comma-separated subset of cpp (our C++ kernel), flex (compiled FlexAttention), eager")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.heads, args.repeats, args.sparsities = 1024, 2, 1, "0,50,90"
     sparsities = parse_sparsities(ap, args.sparsities)
     backends = tuple(b for b in args.backends.split(",") if b)
-    if not backends or any(b not in ("cpp", "flex", "eager") for b in backends):
-        ap.error(f"--backends must be a comma-separated subset of cpp,flex,eager; got {args.backends!r}")
+    if not backends or any(b not in CPU_BACKENDS for b in backends):
+        ap.error(f"--backends must be a comma-separated subset of {','.join(CPU_BACKENDS)}; got {args.backends!r}")
     result = run(args.seq_len, args.heads, args.head_dim, args.block_size, sparsities, args.repeats, backends)
     print(format_table(result))
     if args.json:

@@ -8,7 +8,7 @@ visits only the kept key blocks; it also returns the LSE, which compiled flex on
 
 The extension is built with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja, the same
 toolchain compiled flex needs) into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), once per
-machine and CPU capability; the first build takes about a minute. If it cannot be built, :func:`cpu_kernel`
+machine and CPU capability; the first build takes about 15 s. If it cannot be built, :func:`cpu_kernel`
 returns ``None`` and the dispatcher falls back to compiled flex.
 """
 
@@ -95,7 +95,7 @@ def cpu_block_sparse_attention(
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
     out, lse = op(
-        q32, k32, v32, mask.counts.to(torch.int32).contiguous(), mask.indices.to(torch.int32).contiguous(),
+        q32, k32, v32, mask.counts.contiguous(), mask.indices.contiguous(),  # int32 (BlockSparseMask enforces it)
         block_mask.block_size, scale,
     )
     return out.to(q.dtype), lse

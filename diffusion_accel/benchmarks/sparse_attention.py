@@ -56,11 +56,14 @@ MASK_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _frames(output: Any) -> np.ndarray:
-    return (np.asarray(output.frames, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+def _frames(frames: Any) -> np.ndarray:
+    """uint8 video frames from a pipeline's ``output_type="np"`` frames in [0, 1]."""
+    return (np.asarray(frames, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def _run(pipe: Any, call: dict[str, Any], config: dict[str, Any] | None) -> tuple[np.ndarray, float, float]:
+def run_with_mask(pipe: Any, call: dict[str, Any], config: dict[str, Any] | None) -> tuple[Any, float, float]:
+    """``(output frames as the pipeline returns them, seconds, mean measured density)`` of one seeded pipeline call
+    with ``sparse_attention(**config)`` applied for its duration (dense attention when ``config`` is None)."""
     import diffusion_accel as da
 
     kwargs = dict(call)
@@ -68,13 +71,13 @@ def _run(pipe: Any, call: dict[str, Any], config: dict[str, Any] | None) -> tupl
     if config is None:
         start = time.perf_counter()
         out = pipe(**kwargs)
-        return _frames(out), time.perf_counter() - start, 1.0
+        return out.frames, time.perf_counter() - start, 1.0
     with da.accelerated(pipe, {"method": "sparse_attention", **config}):
         start = time.perf_counter()
         out = pipe(**kwargs)
         elapsed = time.perf_counter() - start
         densities = [d["density"] for d in da.stats(pipe)["sparse_attention"]["density"]]
-    return _frames(out), elapsed, float(np.mean(densities)) if densities else 1.0
+    return out.frames, elapsed, float(np.mean(densities)) if densities else 1.0
 
 
 def calibrate_density(pipe: Any, call: dict[str, Any], base: dict[str, Any], knob: str, values: list[Any],
@@ -83,7 +86,7 @@ def calibrate_density(pipe: Any, call: dict[str, Any], base: dict[str, Any], kno
     best, best_gap, best_density = values[0], float("inf"), 1.0
     probe = {**call, "num_inference_steps": 1}
     for value in values:
-        _, _, density = _run(pipe, probe, {**base, knob: value})
+        _, _, density = run_with_mask(pipe, probe, {**base, knob: value})
         if abs(density - target) < best_gap:
             best, best_gap, best_density = value, abs(density - target), density
     return best, best_density
@@ -97,7 +100,7 @@ def bisect_density(pipe: Any, call: dict[str, Any], base: dict[str, Any], knob: 
     best, best_density = hi, 1.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        _, _, density = _run(pipe, probe, {**base, knob: mid})
+        _, _, density = run_with_mask(pipe, probe, {**base, knob: mid})
         if abs(density - target) < abs(best_density - target):
             best, best_density = mid, density
         if density > target:
@@ -136,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     configs = {"asa": {**common, "mask": "asa", "min_keep": 1, "tau": tau},
                "sliding_tile": {**common, "mask": "sliding_tile", "window": window},
                "topk": {**common, "mask": "topk", "density": keep}}
-    dense, dense_time, _ = _run(pipe, call, None)
+    dense, dense_time, _ = run_with_mask(pipe, call, None)
+    dense = _frames(dense)
     rows = {}
     for name, config in configs.items():
         times, frames, density = [], None, 1.0
         for _ in range(2):
-            frames, elapsed, density = _run(pipe, call, config)
+            frames, elapsed, density = run_with_mask(pipe, call, config)
+            frames = _frames(frames)
             times.append(elapsed)
         scores = [psnr(a, b) for a, b in zip(frames.reshape(-1, *frames.shape[-3:]),
                                              dense.reshape(-1, *dense.shape[-3:]), strict=True)]

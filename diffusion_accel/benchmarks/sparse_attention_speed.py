@@ -18,11 +18,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .sparse_attention import bisect_density, calibrate_density, run_with_mask
 
 MASKS = ("asa", "topk", "sliding_tile")
 
@@ -43,23 +44,6 @@ def speed_pipeline(layers: int, heads: int, head_dim: int, seed: int = 0) -> Any
     return pipe
 
 
-def _run(pipe: Any, call: dict[str, Any], config: dict[str, Any] | None) -> tuple[torch.Tensor, float, float]:
-    """``(latents, seconds, mean measured density)`` of one pipeline call, dense when ``config`` is None."""
-    import diffusion_accel as da
-
-    kwargs = {**call, "generator": torch.Generator().manual_seed(0)}
-    if config is None:
-        start = time.perf_counter()
-        out = pipe(**kwargs).frames
-        return out, time.perf_counter() - start, 1.0
-    with da.accelerated(pipe, {"method": "sparse_attention", **config}):
-        start = time.perf_counter()
-        out = pipe(**kwargs).frames
-        elapsed = time.perf_counter() - start
-        densities = [d["density"] for d in da.stats(pipe)["sparse_attention"]["density"]]
-    return out, elapsed, sum(densities) / len(densities) if densities else 1.0
-
-
 def _latent_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR with the dense latents' range as the peak."""
     peak = float(b.max() - b.min())
@@ -69,30 +53,20 @@ def _latent_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def match_configs(pipe: Any, call: dict[str, Any], common: dict[str, Any], target: float,
                   masks: tuple[str, ...], log=print) -> dict[str, dict[str, Any]]:
-    """One config per mask, all at (about) the measured density ``target`` (1-step probe calls)."""
-    probe = {**call, "num_inference_steps": 1}
+    """One config per mask, all at (about) the measured density ``target`` (1-step probe calls, the accuracy
+    bench's calibration: top-k keeps exactly ``target``, ASA's τ is bisected, the sliding tile's window searched)."""
     configs: dict[str, dict[str, Any]] = {}
     if "topk" in masks:
         configs["topk"] = {**common, "mask": "topk", "density": target}
     if "asa" in masks:
-        lo, hi = 0.05, 0.999
-        best = (hi, 1.0)
-        for _ in range(6):
-            mid = 0.5 * (lo + hi)
-            density = _run(pipe, probe, {**common, "mask": "asa", "tau": mid})[2]
-            if abs(density - target) < abs(best[1] - target):
-                best = (mid, density)
-            lo, hi = (lo, mid) if density > target else (mid, hi)
-        log(f"asa: tau={best[0]:.4f} -> density {best[1]:.3f}")
-        configs["asa"] = {**common, "mask": "asa", "tau": best[0]}
+        tau, density = bisect_density(pipe, call, {**common, "mask": "asa"}, "tau", 0.05, 0.999, target, iters=6)
+        log(f"asa: tau={tau:.4f} -> density {density:.3f}")
+        configs["asa"] = {**common, "mask": "asa", "tau": tau}
     if "sliding_tile" in masks:
-        best_w, best_d = 1, 1.0
-        for window in (1, 2, 3, 4, 6, 8, 12, 16, 24):
-            density = _run(pipe, probe, {**common, "mask": "sliding_tile", "window": window})[2]
-            if abs(density - target) < abs(best_d - target):
-                best_w, best_d = window, density
-        log(f"sliding_tile: window={best_w} -> density {best_d:.3f}")
-        configs["sliding_tile"] = {**common, "mask": "sliding_tile", "window": best_w}
+        window, density = calibrate_density(pipe, call, {**common, "mask": "sliding_tile"}, "window",
+                                            [1, 2, 3, 4, 6, 8, 12, 16, 24], target)
+        log(f"sliding_tile: window={window} -> density {density:.3f}")
+        configs["sliding_tile"] = {**common, "mask": "sliding_tile", "window": window}
     return configs
 
 
@@ -106,15 +80,15 @@ def run(frames: int = 33, size: int = 688, layers: int = 2, heads: int = 8, head
     common = {"block_size": block_size, "backend": backend, "min_tokens": 0}
     with torch.inference_mode():
         configs = match_configs(pipe, call, common, 1.0 - sparsity, masks, log)
-        dense, _, _ = _run(pipe, call, None)  # warm-up (and the reference latents)
+        dense, _, _ = run_with_mask(pipe, call, None)  # warm-up (and the reference latents)
         for config in configs.values():
-            _run(pipe, {**call, "num_inference_steps": 1}, config)  # warm-up (kernel build / compile)
+            run_with_mask(pipe, {**call, "num_inference_steps": 1}, config)  # warm-up (kernel build / compile)
         times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in configs}}
         results: dict[str, tuple[torch.Tensor, float]] = {}
         for r in range(repeats):
-            times["baseline"].append(_run(pipe, call, None)[1])
+            times["baseline"].append(run_with_mask(pipe, call, None)[1])
             for name, config in configs.items():
-                out, elapsed, density = _run(pipe, call, config)
+                out, elapsed, density = run_with_mask(pipe, call, config)
                 times[name].append(elapsed)
                 results[name] = (out, density)
             log(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()))
