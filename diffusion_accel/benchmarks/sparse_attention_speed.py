@@ -93,11 +93,11 @@ def run(frames: int = 33, size: int = 688, layers: int = 2, heads: int = 8, head
                 results[name] = (out, density)
             log(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()))
     base = statistics.median(times["baseline"])
-    rows = {"baseline": {"wall_s": round(base, 3), "speedup_wall": 1.0, "density": 1.0, "psnr_latents": None}}
+    rows = {"baseline": {"wall_s": round(base, 6), "speedup_wall": 1.0, "density": 1.0, "psnr_latents": None}}
     for name, config in configs.items():
         out, density = results[name]
         med = statistics.median(times[name])
-        rows[name] = {"config": config, "wall_s": round(med, 3), "speedup_wall": round(base / med, 3),
+        rows[name] = {"config": config, "wall_s": round(med, 6), "speedup_wall": round(base / med, 3),
                       "density": round(density, 4), "psnr_latents": round(_latent_psnr(out, dense), 2)}
     tokens = (1 + (frames - 1) // 4) * (size // 16) ** 2
     return {"settings": {"frames": frames, "size": size, "latent_tokens": tokens, "layers": layers, "heads": heads,
