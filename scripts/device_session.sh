@@ -4,7 +4,8 @@
 #      dense SDPA (FlashAttention / cuDNN / efficient) at Wan's video token counts (diffusion_accel.kernels.bench_cuda);
 #   2. the two testbed pipelines trained on the GPU with the same command as on CPU (accelerate picks the device),
 #      both at once (tiny models leave the GPU mostly idle).
-# Env: TRAIN_MIN, LR, BATCH, NUM_TRAIN, KERNEL_S (0 skips the kernels), INIT_DIR (continue from <INIT_DIR>/<name>).
+# Env: TRAIN_MIN, LR, BATCH, NUM_TRAIN, KERNEL_S (0 skips the kernels), INIT_PREFIX (continue from <INIT_PREFIX><name>,
+# e.g. assets/testbed-), FLOW_LOW_RES (flow: share of steps at half resolution), NAMES (default "pixart flow").
 # Results land flat in $OUT (at most 8 files come back). Needs .whl/ with diffusers and importlib_metadata wheels.
 set -u
 OUT=${OUT:-/tmp/device_out}
@@ -22,12 +23,14 @@ if [ "${KERNEL_S:-150}" != 0 ]; then
   timeout "${KERNEL_S:-150}" python3 -m diffusion_accel.kernels.bench_cuda --json "$OUT/kernels.json" >>"$OUT/kernels.log" 2>&1
   echo "kernel bench exit $?" | tee -a "$OUT/kernels.log"
 fi
-for name in pixart flow; do
+for name in ${NAMES:-pixart flow}; do
   (
     timeout $(( ${TRAIN_MIN%.*} * 60 + 200 )) python3 -m diffusion_accel.pipelines.testbed.train "$name" "/tmp/tb-$name" \
       --vae-path "$REPO/assets/testbed-pixart/vae" --minutes "$TRAIN_MIN" --steps 1000000 --batch-size "${BATCH:-512}" \
       --lr "${LR:-8e-4}" --num-train "${NUM_TRAIN:-60000}" --eval-prompts 0 \
-      ${INIT_DIR:+--init-from "$REPO/$INIT_DIR/$name"} >"$OUT/train_$name.log" 2>&1
+      ${INIT_PREFIX:+--init-from "$REPO/$INIT_PREFIX$name"} \
+      $( [ "$name" = flow ] && [ -n "${FLOW_LOW_RES:-}" ] && echo --low-res-share "$FLOW_LOW_RES" ) \
+      >"$OUT/train_$name.log" 2>&1
     echo "train exit $?" >>"$OUT/train_$name.log"
     cp "/tmp/tb-$name/transformer/diffusion_pytorch_model.safetensors" "$OUT/$name.safetensors"
     cp "/tmp/tb-$name/transformer/config.json" "$OUT/$name.config.json"

@@ -56,17 +56,21 @@ VAE_RECIPE: tuple[dict[str, Any], ...] = (
 )
 
 
-#: The stages that made the shipped pipelines (``assets/testbed-pixart``, ``assets/testbed-flow``): trained on one
-#: NVIDIA H200 (accelerate picks the GPU; both pipelines at once, 9 min of wall clock each), stage 1 from scratch and
-#: stage 2 continuing it with a lower learning rate. The step counts are those the runs reached in wall-clock budgets
-#: of 4 and 5 minutes. On 2 CPU cores this recipe would take ~35 hours: ``"cpu"`` is the one sized for an hour there
-#: (it reaches far lower adherence; see the README).
+#: The stages that made the shipped pipelines (``assets/testbed-pixart``, ``assets/testbed-flow``): trained on a GPU
+#: (accelerate picks it; both pipelines at once, 16-17 min of wall clock each in all): stage 1 from scratch, stages 2
+#: and 3 continuing it (stages 1-2 on an H200, stage 3 on an H100 with twice the batch and more data; the flow
+#: model's stage 3 also trains 30 % of its steps at half resolution, the multi-resolution prior Bottleneck Sampling
+#: relies on). The step counts are those the runs reached in wall-clock budgets of 4, 5 and 8 minutes
+#: (``docs/results/testbed_training``). On 2 CPU cores this recipe would take days: ``"cpu"`` is the one sized for an
+#: hour there (it reaches far lower adherence; see the README).
 PIPELINE_RECIPES: dict[str, dict[str, tuple[dict[str, Any], ...]]] = {
     "shipped": {
         "pixart": ({"steps": 7580, "batch_size": 512, "lr": 8e-4, "num_train": 60000},
-                   {"steps": 9486, "batch_size": 512, "lr": 5e-4, "num_train": 60000}),
+                   {"steps": 9486, "batch_size": 512, "lr": 5e-4, "num_train": 60000},
+                   {"steps": 7752, "batch_size": 1024, "lr": 5e-4, "num_train": 100000}),
         "flow": ({"steps": 4880, "batch_size": 512, "lr": 8e-4, "num_train": 60000},
-                 {"steps": 6111, "batch_size": 512, "lr": 5e-4, "num_train": 60000}),
+                 {"steps": 6111, "batch_size": 512, "lr": 5e-4, "num_train": 60000},
+                 {"steps": 4148, "batch_size": 1024, "lr": 5e-4, "num_train": 100000, "low_res_share": 0.3}),
     },
     "cpu": {
         "pixart": ({"steps": 8000, "batch_size": 32, "lr": 8e-4, "num_train": 20000},),
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--decoder-only", action="store_true")
     parser.add_argument("--num-train", type=int, default=None)
+    parser.add_argument("--low-res-share", type=float, default=None,
+                        help="flow: fraction of steps trained at half resolution (multi-resolution training)")
     parser.add_argument("--recipe", choices=sorted(PIPELINE_RECIPES), default=None,
                         help="pixart/flow: named stages (default: 'shipped' on a GPU, 'cpu' otherwise; none when "
                              "--steps/--lr/--batch-size/--init-from are given, which cannot be combined with it)")
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     extra: dict[str, Any] = {"decoder_only": True} if args.decoder_only else {}
     if args.steps is not None:
         extra["steps"] = args.steps
-    for key in ("vae_path", "init_from", "lr", "batch_size", "num_train", "eval_prompts", "recipe"):
+    for key in ("vae_path", "init_from", "lr", "batch_size", "num_train", "eval_prompts", "recipe", "low_res_share"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
     print(train(args.name, args.output_dir, seed=args.seed, minutes=args.minutes, **extra))

@@ -79,12 +79,16 @@ def ensure_vae(vae_path: str | Path | None, output_dir: Path, seed: int, minutes
 
 
 @torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch: int = 500) -> torch.Tensor:
-    """Posterior-mean latents (unscaled) of uint8 images, on the VAE's device."""
+def encode_latents(vae, images: np.ndarray, batch: int = 500, scale: float = 1.0) -> torch.Tensor:
+    """Posterior-mean latents (unscaled) of uint8 images, on the VAE's device; ``scale`` < 1 first resizes the images
+    (bilinear, antialiased), as a multi-resolution training set stores smaller pictures."""
     device = vae.device
     out = []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(images_to_tensor(images[i:i + batch]).to(device)).latent_dist.mode())
+        x = images_to_tensor(images[i:i + batch]).to(device)
+        if scale != 1.0:
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+        out.append(vae.encode(x).latent_dist.mode())
     return torch.cat(out)
 
 
@@ -152,27 +156,35 @@ class PixArtObjective:
 
 
 class FlowObjective:
-    """Rectified-flow velocity MSE on packed latents, logit-normal timesteps."""
+    """Rectified-flow velocity MSE on packed latents, logit-normal timesteps.
 
-    def __init__(self, pipe, captions: list[str], latents: torch.Tensor, scaling: float, shift: float):
+    ``latents`` may be a list: one latent set per training resolution (the same images, index for index), picked per
+    step with ``loss(..., res=i)``; each gets its own position ids, as Flux's multi-resolution training does."""
+
+    def __init__(self, pipe, captions: list[str], latents: torch.Tensor | list[torch.Tensor], scaling: float,
+                 shift: float):
         from diffusers import FluxPipeline
 
-        x0 = (latents - shift) * scaling
-        b, c, h, w = x0.shape
-        self.x0 = FluxPipeline._pack_latents(x0, b, c, h, w)
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, torch.float32)
+        self.x0: list[torch.Tensor] = []
+        self.img_ids: list[torch.Tensor] = []
+        for lat in latents if isinstance(latents, list) else [latents]:
+            x0 = (lat - shift) * scaling
+            b, c, h, w = x0.shape
+            self.x0.append(FluxPipeline._pack_latents(x0, b, c, h, w))
+            self.img_ids.append(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, torch.float32))
         self.rows, self.log_counts, self.pooled = encode_flux_text(pipe, captions)
-        self.txt_ids = torch.zeros(self.rows.shape[1], 3, device=x0.device)
+        self.txt_ids = torch.zeros(self.rows.shape[1], 3, device=self.x0[0].device)
 
-    def loss(self, model, idx: torch.Tensor, caption_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x0 = self.x0[idx]
+    def loss(self, model, idx: torch.Tensor, caption_idx: torch.Tensor, gen: torch.Generator,
+             res: int = 0) -> torch.Tensor:
+        x0 = self.x0[res][idx]
         b = len(idx)
         t = torch.sigmoid(torch.randn(b, generator=gen, device=x0.device))
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         xt = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * noise
         bias = torch.cat([self.log_counts[caption_idx], x0.new_zeros(b, x0.shape[1])], dim=1).view(b, 1, 1, -1)
         out = model(hidden_states=xt, encoder_hidden_states=self.rows[caption_idx],
-                    pooled_projections=self.pooled[caption_idx], timestep=t, img_ids=self.img_ids,
+                    pooled_projections=self.pooled[caption_idx], timestep=t, img_ids=self.img_ids[res],
                     txt_ids=self.txt_ids, joint_attention_kwargs={"attention_mask": bias}, return_dict=False)[0]
         return F.mse_loss(out, noise - x0)
 
@@ -195,11 +207,18 @@ def text_gain(model, objective, table: np.ndarray, num_train: int, samples: int 
 def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None,
                    vae_path: str | Path | None = None, num_train: int = 20000, steps: int = 6000,
                    batch_size: int = 32, lr: float = 8e-4, eval_prompts: int = 64,
-                   init_from: str | Path | None = None) -> dict[str, Any]:
+                   init_from: str | Path | None = None, low_res_share: float = 0.0) -> dict[str, Any]:
     """Train testbed pipeline ``name`` ("pixart" or "flow") and ``save_pretrained`` it to ``output_dir``.
 
     ``minutes`` caps the whole call: data, a VAE trained on the way (at most ``VAE_BUDGET_SHARE``) and the training
-    loop, which gets what is left. ``init_from``: a saved pipeline folder whose transformer weights start the run."""
+    loop, which gets what is left. ``init_from``: a saved pipeline folder whose transformer weights start the run.
+    ``low_res_share`` (flow only): fraction of steps trained on the same images at half resolution (32x32 pixels), so
+    that the model, like the multi-resolution models Bottleneck Sampling targets, can denoise a low-resolution stage."""
+    if not 0.0 <= low_res_share < 1.0:
+        raise ValueError(f"low_res_share={low_res_share} must be in [0, 1): the share of steps at half resolution.")
+    if low_res_share and name != "flow":
+        raise ValueError("low_res_share is for the flow testbed (Bottleneck Sampling's model class); set it to 0 for "
+                         f"{name!r}.")
     started = time.monotonic()
     output_dir = Path(output_dir)
     setup_torch(seed)
@@ -210,6 +229,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
     vae = ensure_vae(vae_path, output_dir, seed, minutes).to(device)
     log(f"{name}: encoding {num_train} images on {device}")
     latents = encode_latents(vae, images)
+    low_latents = encode_latents(vae, images, scale=0.5) if low_res_share else None
     del images
     captions, table = caption_table(samples)
     log(f"{name}: {len(captions)} unique captions; encoding text")
@@ -226,7 +246,8 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         objective: Any = PixArtObjective(pipe, captions, latents, scaling)
     else:
         pipe = assemble_flux(transformer, vae, seed).to(device)
-        objective = FlowObjective(pipe, captions, latents, scaling, float(vae.config.shift_factor or 0.0))
+        objective = FlowObjective(pipe, captions, latents if low_latents is None else [latents, low_latents],
+                                  scaling, float(vae.config.shift_factor or 0.0))
     log(f"{name}: text encoded; transformer has {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params")
 
     ema = EMA(transformer, decay=0.999)
@@ -242,7 +263,10 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         idx = rng.integers(0, num_train, size=batch_size)
         caption_idx = table[idx, rng.integers(0, 2, size=batch_size)]
         caption_idx[rng.random(batch_size) < CAPTION_DROPOUT] = 0  # the empty caption
-        loss = objective.loss(model, torch.from_numpy(idx).to(device), torch.from_numpy(caption_idx).to(device), gen)
+        # the resolution is drawn only when asked for, so single-resolution runs keep their random stream
+        res = {"res": int(rng.random() < low_res_share)} if low_res_share else {}
+        loss = objective.loss(model, torch.from_numpy(idx).to(device), torch.from_numpy(caption_idx).to(device), gen,
+                              **res)
         optimizer_step(accelerator, model, opt, sched, loss, clip_norm=1.0)
         ema.update(accelerator.unwrap_model(model), step)
         running.append(loss.detach())  # no .item() per step: a GPU would sync every step
@@ -260,6 +284,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
     pipe.save_pretrained(str(output_dir))
     metrics: dict[str, Any] = {"train_minutes": train_minutes, "steps": step + 1, "batch_size": batch_size,
                                "lr": lr, "num_train": num_train, "device": str(device),
+                               **({"low_res_share": low_res_share} if low_res_share else {}),
                                "final_loss": torch.stack(running).mean().item() if running else math.nan}
     if eval_prompts:
         from .evaluate import evaluate_pipeline
