@@ -72,6 +72,19 @@ def psnr(image: Any, reference: Any) -> float:
     return float(np.mean([_psnr_single(a, b) for a, b in _pairs(image, reference)]))
 
 
+def latent_psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of latents (any range) against ``reference``, with the reference's value range as the peak.
+
+    ``inf`` when identical, ``nan`` when the shapes differ. Latents have no pixel scale, so :func:`psnr` does not
+    apply to them."""
+    if latents.shape != reference.shape:
+        return math.nan
+    ref = reference.float()
+    peak = float(ref.max() - ref.min())
+    mse = float(((latents.float() - ref) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
+
+
 def _ssim_single(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.ndimage import gaussian_filter
 

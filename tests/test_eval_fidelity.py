@@ -72,3 +72,13 @@ def test_clip_score_and_rewards_never_download():
     assert scored["value"] == pytest.approx(float(np.mean([im.mean() for im in a])))
     with pytest.raises(ValueError, match="unknown reward"):
         reward_score(list(a), ["x", "y"], kind="nonsense")
+
+
+def test_latent_psnr_uses_the_reference_range_as_peak():
+    from diffusion_accel.eval.fidelity import latent_psnr
+
+    ref = torch.tensor([[-2.0, 2.0], [0.0, 1.0]])  # range 4
+    assert latent_psnr(ref.clone(), ref) == float("inf")
+    noisy = ref + torch.tensor([[0.4, -0.4], [0.4, -0.4]])  # MSE 0.16
+    assert latent_psnr(noisy, ref) == pytest.approx(10 * np.log10(16 / 0.16))
+    assert np.isnan(latent_psnr(ref[:1], ref))

@@ -17,6 +17,7 @@ at a size a CPU runs in seconds (the smoke test).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..bench import MethodSpec, parse_method_specs
+from ..eval.fidelity import latent_psnr
 
 #: FluxTransformer2DModel configurations: FLUX.1-dev's, and a CPU-sized one with the same head size.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -36,15 +40,11 @@ PRESETS: dict[str, dict[str, Any]] = {
               "in_channels": 64, "axes_dims_rope": (16, 56, 56), "tokens": 256, "text_tokens": 32},
 }
 
-#: The methods compared: name -> (bottleneck config or None, steps).
-METHODS: dict[str, tuple[dict[str, Any] | None, int]] = {
-    "baseline": (None, 28),
-    "bottleneck": ({}, 28),
-    "bottleneck:step_fractions=[0.05,0.8,0.15]:start_sigmas=[1.0,0.8,0.75]":
-        ({"step_fractions": (0.05, 0.8, 0.15), "start_sigmas": (1.0, 0.8, 0.75)}, 28),
-    "steps=13": (None, 13),
-    "steps=11": (None, 11),
-}
+#: The methods compared, in ``diffusion-accel bench --methods`` syntax (parsed by the bench's own parser): the paper's
+#: split, our fastest split, and the fewer-steps baselines. The baseline runs ``BASE_STEPS``.
+METHODS = ("baseline,bottleneck,bottleneck:step_fractions=[0.05,0.8,0.15]:start_sigmas=[1.0,0.8,0.75],"
+           "steps=13,steps=11")
+BASE_STEPS = 28
 
 
 def real_size_pipeline(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -78,52 +78,43 @@ def real_size_pipeline(preset: str, device: str, dtype: torch.dtype, seed: int =
     return pipe, call
 
 
-def run_method(pipe: Any, call: dict[str, Any], config: dict[str, Any] | None, steps: int,
-               seed: int = 0) -> tuple[float, torch.Tensor]:
-    """Wall time (device-synchronised) and latents of one pipeline call with ``config`` applied (and removed)."""
+def run_method(pipe: Any, call: dict[str, Any], spec: MethodSpec, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """Wall time (device-synchronised) and latents of one pipeline call with ``spec`` applied for its duration."""
     import diffusion_accel as da
 
     device = call["prompt_embeds"].device
-    if config is not None:
-        da.apply(pipe, "bottleneck", **config)
-    try:
+    kwargs = {**call, "num_inference_steps": BASE_STEPS, **spec.call_overrides,
+              "generator": torch.Generator(device).manual_seed(seed)}
+    with da.accelerated(pipe, *spec.configs) if spec.configs else contextlib.nullcontext():
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = pipe(**call, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(seed)).images
+        out = pipe(**kwargs).images
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
-    finally:
-        if config is not None:
-            da.remove(pipe)
-
-
-def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    if a.shape != ref.shape:
-        return float("nan")
-    peak = float(ref.float().max() - ref.float().min())
-    mse = float(((a.float() - ref.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
 def benchmark(preset: str = "flux-dev", repeats: int = 2, device: str | None = None) -> dict[str, Any]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    specs = parse_method_specs(METHODS)
     pipe, call = real_size_pipeline(preset, device, dtype)
-    walls: dict[str, list[float]] = {name: [] for name in METHODS}
+    walls: dict[str, list[float]] = {spec.label: [] for spec in specs}
     latents: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        for name, (config, steps) in METHODS.items():  # warm-up (kernels, allocator), latents for PSNR
-            _, latents[name] = run_method(pipe, call, config, steps)
+        for spec in specs:  # warm-up (kernels, allocator), latents for PSNR
+            _, latents[spec.label] = run_method(pipe, call, spec)
         for _ in range(repeats):  # interleaved
-            for name, (config, steps) in METHODS.items():
-                walls[name].append(run_method(pipe, call, config, steps)[0])
+            for spec in specs:
+                walls[spec.label].append(run_method(pipe, call, spec)[0])
     base = statistics.median(walls["baseline"])
-    rows = {name: {"median_wall_s": statistics.median(w), "speedup_wall": base / statistics.median(w),
-                   "steps": METHODS[name][1], "latent_psnr_vs_baseline_random_weights":
-                       _psnr(latents[name], latents["baseline"])}
-            for name, w in walls.items()}
+    rows = {spec.label: {"median_wall_s": statistics.median(walls[spec.label]),
+                         "speedup_wall": base / statistics.median(walls[spec.label]),
+                         "steps": spec.call_overrides.get("num_inference_steps", BASE_STEPS),
+                         "latent_psnr_vs_baseline_random_weights": latent_psnr(latents[spec.label],
+                                                                               latents["baseline"])}
+            for spec in specs}
     params = sum(p.numel() for p in pipe.transformer.parameters())
     return {"settings": {"preset": preset, "transformer_params": params, "image_tokens": PRESETS[preset]["tokens"],
                          "text_tokens": PRESETS[preset]["text_tokens"], "height": call["height"],

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..eval.fidelity import latent_psnr
 from .sparse_attention import bisect_density, calibrate_density, run_with_mask
 
 MASKS = ("asa", "topk", "sliding_tile")
@@ -42,13 +43,6 @@ def speed_pipeline(layers: int, heads: int, head_dim: int, seed: int = 0) -> Any
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     ).eval()
     return pipe
-
-
-def _latent_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR with the dense latents' range as the peak."""
-    peak = float(b.max() - b.min())
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
 def match_configs(pipe: Any, call: dict[str, Any], common: dict[str, Any], target: float,
@@ -98,7 +92,7 @@ def run(frames: int = 33, size: int = 688, layers: int = 2, heads: int = 8, head
         out, density = results[name]
         med = statistics.median(times[name])
         rows[name] = {"config": config, "wall_s": round(med, 6), "speedup_wall": round(base / med, 3),
-                      "density": round(density, 4), "psnr_latents": round(_latent_psnr(out, dense), 2)}
+                      "density": round(density, 4), "psnr_latents": round(latent_psnr(out, dense), 2)}
     tokens = (1 + (frames - 1) // 4) * (size // 16) ** 2
     return {"settings": {"frames": frames, "size": size, "latent_tokens": tokens, "layers": layers, "heads": heads,
                          "head_dim": head_dim, "steps": steps, "sparsity_target": sparsity,

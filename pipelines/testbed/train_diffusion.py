@@ -158,16 +158,16 @@ class PixArtObjective:
 class FlowObjective:
     """Rectified-flow velocity MSE on packed latents, logit-normal timesteps.
 
-    ``latents`` may be a list: one latent set per training resolution (the same images, index for index), picked per
-    step with ``loss(..., res=i)``; each gets its own position ids, as Flux's multi-resolution training does."""
+    ``latents``: one latent set per training resolution (the same images, index for index; the first is the full
+    resolution), picked per step with ``loss(..., res=i)``; each gets its own position ids, as Flux's
+    multi-resolution training does."""
 
-    def __init__(self, pipe, captions: list[str], latents: torch.Tensor | list[torch.Tensor], scaling: float,
-                 shift: float):
+    def __init__(self, pipe, captions: list[str], latents: list[torch.Tensor], scaling: float, shift: float):
         from diffusers import FluxPipeline
 
         self.x0: list[torch.Tensor] = []
         self.img_ids: list[torch.Tensor] = []
-        for lat in latents if isinstance(latents, list) else [latents]:
+        for lat in latents:
             x0 = (lat - shift) * scaling
             b, c, h, w = x0.shape
             self.x0.append(FluxPipeline._pack_latents(x0, b, c, h, w))
@@ -246,7 +246,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
         objective: Any = PixArtObjective(pipe, captions, latents, scaling)
     else:
         pipe = assemble_flux(transformer, vae, seed).to(device)
-        objective = FlowObjective(pipe, captions, latents if low_latents is None else [latents, low_latents],
+        objective = FlowObjective(pipe, captions, [lat for lat in (latents, low_latents) if lat is not None],
                                   scaling, float(vae.config.shift_factor or 0.0))
     log(f"{name}: text encoded; transformer has {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params")
 
