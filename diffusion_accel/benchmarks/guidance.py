@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--linear-ag", default=None, help="fitted LinearAG coefficients (name or path)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing-batch", type=int, default=8,
+                        help="prompts per timed call (AG switches per sample: one prompt's time is not the mean)")
     parser.add_argument("--tier", default="quality")
     parser.add_argument("--out", default="bench_out/guidance")
     args = parser.parse_args(argv)
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                f"cfg_cutoff:cutoff_step_index={cutoff},linear_ag:coefficients={coefficients}")
     report = run_bench(pipeline, methods, num_prompts=args.prompts, steps=args.steps, tier=args.tier,
                        repeats=args.repeats, guidance_scale=args.guidance_scale, out_dir=out,
+                       timing_batch=args.timing_batch,
                        json_path=out / "guidance.json")
     report["settings"]["ag_uncond_skipped_per_sample"] = ag_rows
     report["settings"]["matched_cutoff_step"] = cutoff
