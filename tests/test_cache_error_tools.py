@@ -31,9 +31,28 @@ def test_delta_cache_error_appears_on_cached_steps_only():
     assert "delta_cache" in cache_error.markdown_table(report)
 
 
-def test_separate_cfg_pipelines_are_refused_with_the_fix():
-    with pytest.raises(NotImplementedError, match="batched classifier-free guidance"):
-        cache_error.measure_cache_error("tiny:wan", "baseline", num_prompts=1)
+def test_separate_cfg_passes_are_paired_per_step():
+    baseline = cache_error.measure_cache_error("tiny:wan", "baseline", num_prompts=1)
+    assert [row["step"] for row in baseline["per_step"]] == [0, 1, 2, 3]  # two calls per step, one row
+    assert all(row["err_guided"] == 0.0 and row["d_share"] > 0 for row in baseline["per_step"])
+    cached = cache_error.measure_cache_error("tiny:wan", "delta_cache:interval=2:num_cached_blocks=1",
+                                             num_prompts=1, space="native")
+    assert cached["approximated_steps"] == [1, 3]
+
+
+def test_calls_without_cfg_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="guidance-scale > 1"):
+        cache_error.measure_cache_error("tiny:pixart_alpha", "baseline", num_prompts=1, guidance_scale=1.0)
+
+
+def test_adaptive_guidance_drops_the_whole_guidance_term_after_the_switch():
+    # γ̄ below any cosine: every sample switches after step 0, then u := c, so d = 0 and err_guidance = 1
+    report = cache_error.measure_cache_error("tiny:pixart_alpha", "adaptive_guidance:threshold=-0.5", num_prompts=2,
+                                             space="eps")
+    rows = report["per_step"]
+    assert rows[0]["err_guidance"] == 0.0
+    assert [round(row["err_guidance"], 6) for row in rows[1:]] == [1.0, 1.0, 1.0]
+    assert all(row["err_cond"] < 1e-5 for row in rows)  # the cond rows run alone: equal up to float rounding
 
 
 def test_unknown_space_is_refused():

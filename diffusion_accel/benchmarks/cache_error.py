@@ -16,9 +16,11 @@ share is multiplied by the scale ``s``. Per step the table gives (means over sam
 * ``d_share``: ``‖(s − 1) d‖ / ‖g‖``, how much of the guided prediction the guidance adds (what adaptive guidance
   drops once it switches a sample to the conditional branch).
 
-``--method baseline`` gives only the last two: a model's cacheability profile. Works for pipelines with batched CFG
-(PixArt, DiT, SD3, ...) and schedulers with one denoiser call per step; separate-pass pipelines (Wan, Flux true-CFG)
-are refused with a clear error. The untouched copy doubles the denoiser's memory.
+``--method baseline`` gives only the last two: a model's cacheability profile. Guidance methods work too: adaptive
+guidance returns the conditional prediction for a switched sample's unconditional one, so its ``err_guidance`` is
+1 (the whole guidance term dropped) from the switch on. Works with batched CFG (PixArt, DiT,
+SD3, ...) and separate CFG passes (Wan, Flux true CFG, ...) and schedulers with one model evaluation per step; a call
+without CFG is refused with the fix. The untouched copy doubles the denoiser's memory.
 """
 
 from __future__ import annotations
@@ -51,21 +53,33 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class StepErrorRecorder:
     """A forward hook for the accelerated denoiser that re-runs an untouched copy on each call's input.
 
-    ``reset()`` before every pipeline call; ``rows[k]`` then holds the per-sample metrics of step ``k``.
+    ``layout`` is the pipeline's CFG layout: ``"batched"`` (one call per step on ``[uncond; cond]`` or the reverse)
+    or ``"separate"`` (two calls per step, conditional first, as every Diffusers separate-pass pipeline does; the
+    two are paired by their equal timestep). ``reset()`` before every pipeline call and ``finish()`` after it;
+    ``rows[k]`` then holds the per-sample metrics of step ``k``.
     """
 
     def __init__(self, reference: torch.nn.Module, adapter: Any, guidance_scale: float, scheduler: Any,
-                 space: str = "x0") -> None:
+                 space: str = "x0", layout: str = "batched") -> None:
         if space not in ("native", *SPACES):
             raise ValueError(f"Unknown space {space!r}; choose 'native' or one of {SPACES}.")
+        if layout not in ("batched", "separate"):
+            raise ValueError(f"Unknown CFG layout {layout!r}; cache_error needs 'batched' or 'separate'.")
         self.reference = reference
         self.adapter = adapter
         self.scale = guidance_scale
         self.scheduler = scheduler
         self.space = space
+        self.layout = layout
         self.rows: dict[int, dict[str, list[float]]] = {}
-        self.calls = 0
+        self.steps = 0
         self._previous_d: torch.Tensor | None = None
+        self._pending: tuple[float, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _timestep(args: tuple, kwargs: dict) -> float:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        return float(torch.as_tensor(timestep).flatten()[0])
 
     def _in_space(self, pred: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """``pred`` in the comparison space: the guided combination is linear and ``x_t`` is shared by both
@@ -73,24 +87,39 @@ class StepErrorRecorder:
         if self.space == "native":
             return pred
         x_t = denoiser_sample_input(args, kwargs)
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = float(torch.as_tensor(timestep).flatten()[0]) * self.adapter.timestep_scale
+        t = self._timestep(args, kwargs) * self.adapter.timestep_scale
         return convert_prediction(pred, x_t, self.adapter.prediction, self.space, scheduler=self.scheduler,
                                   timestep=t, sigma=None)
 
     def reset(self) -> None:
-        self.calls = 0
+        self.steps = 0
         self._previous_d = None
+        self._pending = None
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            raise ValueError(_SKIPPED_PASS)
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ref_pred = self._in_space(prediction(self.reference(*args, **kwargs), self.adapter), args, kwargs)
         pred = self._in_space(prediction(output, self.adapter), args, kwargs)
         if pred.shape != ref_pred.shape:
-            raise ValueError("The method changed the denoiser batch (adaptive guidance drops rows); cache_error "
-                             "measures caches, run guidance methods with diffusion_accel.benchmarks.guidance.")
-        u, c = branches(pred, self.adapter)
-        u_ref, c_ref = branches(ref_pred, self.adapter)
+            raise ValueError(_SKIPPED_PASS)
+        if self.layout == "batched":
+            self._record(*branches(pred, self.adapter), *branches(ref_pred, self.adapter))
+            return
+        timestep = self._timestep(args, kwargs)
+        if self._pending is None:
+            self._pending = (timestep, pred, ref_pred)
+            return
+        first_timestep, cond, cond_ref = self._pending
+        if timestep != first_timestep:
+            raise ValueError(_SKIPPED_PASS)
+        self._pending = None
+        self._record(pred, cond, ref_pred, cond_ref)
+
+    def _record(self, u: torch.Tensor, c: torch.Tensor, u_ref: torch.Tensor, c_ref: torch.Tensor) -> None:
         s = self.scale
         g, g_ref = u + s * (c - u), u_ref + s * (c_ref - u_ref)
         d, d_ref = c - u, c_ref - u_ref
@@ -101,11 +130,15 @@ class StepErrorRecorder:
                          else torch.full((len(d_ref),), float("nan"))),
             "d_share": _norm((s - 1) * d_ref) / _norm(g_ref).clamp_min(1e-12),
         }
-        row = self.rows.setdefault(self.calls, {k: [] for k in METRICS})
+        row = self.rows.setdefault(self.steps, {k: [] for k in METRICS})
         for key, value in values.items():
             row[key].extend(value.tolist())
         self._previous_d = d_ref
-        self.calls += 1
+        self.steps += 1
+
+
+_SKIPPED_PASS = ("The method changed the denoiser's batch or skipped a CFG pass without returning a prediction in "
+                 "its place; cache_error needs every call to return the full batch, as this project's methods do.")
 
 
 def _mean(values: list[float]) -> float:
@@ -129,13 +162,13 @@ def measure_cache_error(pipeline: str, method: str, num_prompts: int = 16, steps
     spec = specs[-1]
     setup = load_setup(pipeline, num_prompts, steps, guidance_scale, seed)
     pipe, adapter, prompts, scale = setup.pipe, setup.adapter, setup.prompts, setup.scale
-    if adapter.cfg_layout != "batched" or adapter.cfg_mode(setup.probe) != "batched":
-        raise NotImplementedError(
-            f"cache_error needs batched classifier-free guidance; {adapter.family} with these arguments runs "
-            f"{adapter.cfg_mode(setup.probe)!r} CFG. Use a batched-CFG pipeline (PixArt, DiT, SD3) with guidance > 1.")
+    layout = adapter.cfg_mode(setup.probe)
+    if layout == "none":
+        raise ValueError(f"cache_error compares CFG branches, but this {adapter.family} call runs no CFG; pass "
+                         f"--guidance-scale > 1 (and a negative prompt where the pipeline needs one).")
 
     denoiser = adapter.get_denoiser(pipe)
-    recorder = StepErrorRecorder(copy.deepcopy(denoiser).eval(), adapter, scale, pipe.scheduler, space)
+    recorder = StepErrorRecorder(copy.deepcopy(denoiser).eval(), adapter, scale, pipe.scheduler, space, layout)
     handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
     try:
         with da.accelerated(pipe, *spec.configs):
@@ -145,11 +178,12 @@ def measure_cache_error(pipeline: str, method: str, num_prompts: int = 16, steps
                 kwargs.update(spec.call_overrides)
                 recorder.reset()
                 _generate(pipe, kwargs)
+                recorder.finish()
                 expected = int(kwargs["num_inference_steps"])
-                if recorder.calls != expected:
+                if recorder.steps != expected:
                     raise NotImplementedError(
-                        f"The scheduler called the denoiser {recorder.calls} times for {expected} steps; cache_error "
-                        "needs one call per step (DPM-Solver, DDIM, Euler), not Heun-style schedulers.")
+                        f"The scheduler evaluated the model {recorder.steps} times for {expected} steps; cache_error "
+                        "needs one evaluation per step (DPM-Solver, DDIM, Euler), not Heun-style schedulers.")
     finally:
         handle.remove()
 
