@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..batching import output_sample
+
 
 @dataclass
 class DiagnosisSetup:
@@ -54,7 +56,7 @@ def load_setup(pipeline: str, num_prompts: int, steps: int | None, guidance_scal
 
 def prediction(output: Any, adapter: Any) -> torch.Tensor:
     """The denoiser's prediction tensor (the first half of the channels for learned-σ models)."""
-    sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+    sample = output_sample(output)
     return sample.chunk(2, dim=1)[0] if adapter.learned_sigma else sample
 
 

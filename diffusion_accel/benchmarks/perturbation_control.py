@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batching import output_sample, with_sample
 from .diagnosis import branches, load_setup, prediction
 
 KINDS = ("white", "channel")
@@ -83,20 +84,16 @@ class PredictionNoise:
         noise = noise * (self.size * rms / noise.float().pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-12))
         if self.cfg:
             noise = torch.cat([noise, noise])
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        perturbed = sample.clone()
-        perturbed[:, :pred.shape[1]] += noise.to(sample.dtype)
-        if isinstance(output, tuple):
-            return (perturbed, *output[1:])
-        output.sample = perturbed
-        return output
+        perturbed = output_sample(output).clone()
+        perturbed[:, :pred.shape[1]] += noise.to(perturbed.dtype)
+        return with_sample(output, perturbed)
 
 
 def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: list[float], num_prompts: int = 64,
                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                 batch_size: int = 8) -> dict[str, Any]:
     """The untouched run, then one run per (kind, step set, size); metrics against the untouched run."""
-    from ..bench import _fidelity, _generate, _shape_metrics, _to_uint8
+    from ..bench import _fidelity, _generate, _to_uint8
 
     setup = load_setup(pipeline, num_prompts, steps, guidance_scale, seed)
     pipe, adapter, prompts, probe = setup.pipe, setup.adapter, setup.prompts, setup.probe
@@ -123,8 +120,8 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
                 handle.remove()
 
     reference = generate(None)
-    ref_adherence, ref_fid = _shape_metrics(reference, prompts) if pipeline.startswith("testbed:") else (None, None)
-    ref_flags = _adherence_flags(reference, prompts) if ref_adherence is not None else None
+    testbed = pipeline.startswith("testbed:")
+    ref_adherence, ref_flags, ref_fid = _testbed_metrics(reference, prompts) if testbed else (None, None, None)
     rows = [{"kind": "none", "steps": "-", "size": 0.0, "psnr_vs_baseline": float("inf"), "adherence": ref_adherence,
              "fid_shapes": ref_fid, "lost": 0, "gained": 0}]
     scale = setup.scale
@@ -136,9 +133,8 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
                 row: dict[str, Any] = {"kind": kind, "steps": name, "size": size,
                                        "psnr_vs_baseline": _fidelity(images, reference)[0], "adherence": None,
                                        "fid_shapes": None, "lost": None, "gained": None}
-                if ref_flags is not None:
-                    adherence, fid = _shape_metrics(images, prompts)
-                    flags = _adherence_flags(images, prompts)
+                if testbed:
+                    adherence, flags, fid = _testbed_metrics(images, prompts)
                     row.update(adherence=adherence, fid_shapes=fid,
                                lost=sum(a and not b for a, b in zip(ref_flags, flags, strict=True)),
                                gained=sum(b and not a for a, b in zip(ref_flags, flags, strict=True)))
@@ -149,10 +145,12 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
             "rows": rows}
 
 
-def _adherence_flags(images: np.ndarray, prompts: list[str]) -> list[bool]:
-    from ..pipelines.testbed.shapes_net import adherence_per_image
+def _testbed_metrics(images: np.ndarray, prompts: list[str]) -> tuple[float, list[bool], float]:
+    """Adherence, its per-image verdicts (one classifier pass) and FID-shapes of testbed images."""
+    from ..pipelines.testbed.shapes_net import adherence, fid_shapes
 
-    return adherence_per_image(list(images), prompts)
+    score, flags = adherence(list(images), prompts, return_per_image=True)
+    return score, flags, fid_shapes(list(images))
 
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:
