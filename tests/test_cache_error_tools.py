@@ -57,6 +57,8 @@ def test_adaptive_guidance_drops_the_whole_guidance_term_after_the_switch():
 
 def test_unknown_space_is_refused():
     with pytest.raises(ValueError, match="Unknown space"):
+        cache_error.measure_cache_error("tiny:pixart_alpha", "baseline", num_prompts=1, space="latent")
+    with pytest.raises(ValueError, match="Unknown space"):
         cache_error.StepErrorRecorder(torch.nn.Identity(), adapters()["pixart_alpha"], 4.0, None, space="latent")
 
 
@@ -105,3 +107,16 @@ def test_control_run_reports_psnr_against_the_untouched_run(tmp_path):
     assert math.isfinite(rows[2]["psnr_vs_baseline"])
     assert rows[2]["adherence"] is None  # shape metrics exist only for the testbed
     assert "| white | all | 0.5 |" in perturbation_control.markdown_table(report)
+
+
+def test_control_refuses_bad_options_before_generating(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the options were checked")
+
+    monkeypatch.setattr(perturbation_control, "load_setup", no_loading)
+    with pytest.raises(ValueError, match="noise kind"):
+        perturbation_control.run_control("tiny:pixart_alpha", ["pink"], ["odd"], [0.1])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        perturbation_control.run_control("tiny:pixart_alpha", ["white"], ["odd"], [-0.1])
+    with pytest.raises(ValueError, match="step set"):
+        perturbation_control.run_control("tiny:pixart_alpha", ["white"], ["middle"], [0.1])

@@ -156,6 +156,8 @@ def measure_cache_error(pipeline: str, method: str, num_prompts: int = 16, steps
 
     from ..bench import _generate, parse_method_specs
 
+    if space not in ("native", *SPACES):
+        raise ValueError(f"Unknown space {space!r}; choose 'native' or one of {SPACES}.")
     specs = parse_method_specs(method)
     if len(specs) > 2:
         raise ValueError(f"cache_error measures one method at a time, got {[s.label for s in specs[1:]]}.")

@@ -95,6 +95,11 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
     """The untouched run, then one run per (kind, step set, size); metrics against the untouched run."""
     from ..bench import _fidelity, _generate, _to_uint8
 
+    for kind in kinds:  # bad options fail before minutes of generation, not after the untouched run
+        for size in sizes:
+            PredictionNoise(None, kind, size, set(), 1.0, cfg=False)
+    for name in step_sets:
+        step_set(name, 1)
     setup = load_setup(pipeline, num_prompts, steps, guidance_scale, seed)
     pipe, adapter, prompts, probe = setup.pipe, setup.adapter, setup.prompts, setup.probe
     cfg_mode = adapter.cfg_mode(probe)
