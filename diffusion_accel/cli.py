@@ -127,32 +127,62 @@ def cmd_list_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def attention_backends() -> dict[str, str]:
+    """Which block-sparse attention backend ``backend="auto"`` runs here, per device, and why."""
+    import torch
+
+    from .kernels import cpu_ext
+    from .kernels.dispatch import triton_available
+
+    cpu = cpu_ext.status()
+    out = {"attention (cpu)": f"{cpu['backend']}: {cpu['why']} [CPU capability {cpu['cpu_capability']}]"}
+    if torch.cuda.is_available():
+        out["attention (cuda)"] = ("triton: our Triton kernel" if triton_available()
+                                   else "flex: compiled FlexAttention (pip install 'diffusion-accel[kernels]' for "
+                                        "the faster Triton kernel)")
+    return out
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     import diffusion_accel as da
 
-    pipe = da.load_pipeline(args.pipeline)
-    adapter = da.find_adapter(pipe)
-    blocks = adapter.get_blocks(pipe)
-    info = {
-        "pipeline": type(pipe).__name__,
-        "family": adapter.family,
-        "denoiser": f"{adapter.denoiser} ({type(adapter.get_denoiser(pipe)).__name__})",
-        "blocks": f"{len(blocks)} in {', '.join(adapter.block_lists) or '-'}",
-        "cfg_layout": adapter.cfg_layout,
-        "prediction": adapter.prediction,
-        "scheduler": type(pipe.scheduler).__name__,
-        "methods": ", ".join(da.list_methods(pipe)),
-    }
+    from .pipelines.contract import contract_of
+
+    info: dict[str, str] = {"torch": torch.__version__}
+    if args.pipeline:
+        pipe = da.load_pipeline(args.pipeline)
+        adapter = da.find_adapter(pipe)
+        blocks = adapter.get_blocks(pipe)
+        info.update({
+            "pipeline": type(pipe).__name__,
+            "family": adapter.family,
+            "denoiser": f"{adapter.denoiser} ({type(adapter.get_denoiser(pipe)).__name__})",
+            "blocks": f"{len(blocks)} in {', '.join(adapter.block_lists) or '-'}",
+            "cfg_layout": adapter.cfg_layout,
+            "prediction": adapter.prediction,
+            "scheduler": type(pipe.scheduler).__name__,
+            "methods": ", ".join(da.list_methods(pipe)),
+        })
+        contract = contract_of(pipe)
+        if contract:
+            info["sampler contract"] = ", ".join(f"{k}={v!r}" for k, v in contract.items())
+    info.update(attention_backends())
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        width = max(len(key) for key in info) + 1
         for key, value in info.items():
-            print(f"{key:<12} {value}")
+            print(f"{key:<{width}} {value}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-accel", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Diffusers/Transformers/cache-dit logs, progress bars and warnings "
+                             "(accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images/videos with an (accelerated) pipeline")
@@ -176,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--pipeline")
     lm.set_defaults(func=cmd_list_methods)
 
-    info = sub.add_parser("info", help="the adapter found for a pipeline and the methods that apply")
-    info.add_argument("pipeline")
+    info = sub.add_parser("info", help="this machine's attention backend and, given a pipeline, its adapter, "
+                                       "sampler contract and the methods that apply")
+    info.add_argument("pipeline", nargs="?")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
@@ -203,8 +234,15 @@ def _add_optional_parsers(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    if not verbose:  # before the sub-commands import Diffusers and Transformers
+        from .logs import quiet_third_party
+
+        quiet_third_party()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--verbose"])
+    args.verbose = verbose
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .logs import configure_pipeline
+
 
 def _testbed_path(name: str) -> Path:
     from .pipelines.testbed.registry import testbed_path
@@ -22,8 +24,14 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
       ``seed=`` picks its weights.
     * ``testbed:<name>``: a shipped tiny trained pipeline (``testbed:pixart``, ``testbed:flow``); ``tier="speed"``
       gives the compute-realistic random-weight preset of the same architecture.
-    * anything else goes to ``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)``.
+    * anything else goes to ``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)``; a folder saved with a
+      sampler contract (:mod:`diffusion_accel.pipelines.contract`) loads as its contract class, so a call with only
+      a prompt samples the way the weights were trained.
     """
+    return configure_pipeline(_load(name_or_path, **kwargs))
+
+
+def _load(name_or_path: str | Path, **kwargs: Any) -> Any:
     text = str(name_or_path)
     if text.startswith("tiny:"):
         from .pipelines.tiny import FAMILIES, tiny_pipeline
@@ -44,14 +52,17 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
         text = str(_testbed_path(name))
     from diffusers import DiffusionPipeline
 
+    from .pipelines.contract import is_own_contract_folder
+
     path = Path(text)
     if not path.exists() and text.count("/") != 1:
         raise ValueError(
             f"{text!r} is neither a local folder nor a Hub id (org/name), nor a project name "
             "('tiny:<family>' or 'testbed:<name>')."
         )
-    pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
-    return pipe
+    if path.is_dir() and is_own_contract_folder(path):
+        kwargs.setdefault("trust_remote_code", True)  # the folder's code is our own loader, checked verbatim
+    return DiffusionPipeline.from_pretrained(text, **kwargs)
 
 
 def base_call_kwargs(pipeline: str, tier: str = "quality") -> dict[str, Any]:

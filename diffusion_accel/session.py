@@ -28,6 +28,7 @@ from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
 from .pipelines.adapters import ModelAdapter
+from .pipelines.contract import fill_contract_defaults
 from .stats import CallStats
 
 SESSION_ATTR = "_diffusion_accel_session"
@@ -190,6 +191,8 @@ class AccelSession:
 
     # ------------------------------------------------------------------ pipeline calls
     def run_call(self, original_call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
+        # methods must see the arguments the call really runs with, a checkpoint's sampler contract included
+        kwargs = fill_contract_defaults(pipe, args, kwargs)
         try:
             bound = inspect.signature(original_call).bind(pipe, *args, **kwargs)
             bound.apply_defaults()

@@ -77,10 +77,11 @@ def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool)
     if q.device.type == "cpu":
         if _needs_grad(q, k, v):
             return "eager"
-        from .cpu_ext import cpu_kernel
+        from .cpu_ext import cpu_kernel, warn_unavailable_once
 
         if cpu_kernel() is not None:
             return "cpp"
+        warn_unavailable_once()
         if return_lse:
             return "eager"
     if (q.device.type, q.dtype) in _FLEX_BROKEN:

@@ -54,3 +54,31 @@ def test_generate_on_the_shipped_testbed_uses_its_call_defaults(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "seed0_0.png").size == (64, 64)
+
+
+def _run_cli(*args: str, cwd) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "CACHE_DIT_LOG_LEVEL"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "diffusion_accel.cli", *args], capture_output=True, text=True,
+                            cwd=cwd, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout + result.stderr
+
+
+def test_default_output_is_ours_only_and_verbose_shows_the_rest(tmp_path):
+    # Diffusers' loading and per-step progress bars; dbcache is cache-dit, which logs INFO lines on apply
+    args = ("generate", "--pipeline", "testbed:pixart", "--steps", "2", "--prompt", "a red circle",
+            "--method", "dbcache", "--out", str(tmp_path / "out"))
+    quiet = _run_cli(*args, cwd=tmp_path)
+    lines = [line for line in quiet.splitlines() if line.strip()]
+    assert lines[0].startswith("methods: dbcache | NFE ") and lines[-1].startswith("saved ")
+    for line in lines[1:-1]:  # the per-step table: header, rule, one row per step
+        assert line.startswith(("stage", "---")) or line.split()[0].isdigit(), line
+    verbose = _run_cli(*args, "--verbose", cwd=tmp_path)
+    assert "it/s" in verbose or "s/it" in verbose  # Diffusers' progress bar
+    assert "[Cache-DiT]" in verbose and "[Cache-DiT]" not in quiet  # cache-dit's log lines

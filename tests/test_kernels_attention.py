@@ -160,10 +160,13 @@ def test_auto_uses_flex_then_eager_when_the_cpp_kernel_cannot_build(monkeypatch,
 
     monkeypatch.setattr(cpu_ext, "cpu_kernel", lambda: None)
     monkeypatch.setattr(cpu_ext, "_BUILD_ERROR", ["CalledProcessError: no compiler"])
+    monkeypatch.setattr(cpu_ext, "_WARNED", [])
+    monkeypatch.delenv("DIFFUSION_ACCEL_NO_CPU_KERNEL", raising=False)
     q, k, v = _inputs(1, 2, 96, 96, 16)
     m = _random_mask(1, 2, 96, 96, 32)
     with torch.inference_mode():
-        out = block_sparse_attention(q, k, v, m)
+        with pytest.warns(RuntimeWarning, match="unavailable \\(CalledProcessError: no compiler\\)"):
+            out = block_sparse_attention(q, k, v, m)
         _, lse = block_sparse_attention(q, k, v, m, return_lse=True)  # compiled flex on CPU has no LSE
     torch.testing.assert_close(out, reference_attention(q, k, v, m)[0], atol=1e-5, rtol=1e-5)
     assert backend_calls == ["flex", "eager"] and lse.shape == (1, 2, 96)
@@ -190,6 +193,7 @@ def test_auto_falls_back_to_eager_when_compile_fails(monkeypatch):
     from diffusion_accel.kernels import cpu_ext, flex
 
     monkeypatch.setattr(cpu_ext, "cpu_kernel", lambda: None)  # no C++ kernel either
+    monkeypatch.setattr(cpu_ext, "_WARNED", [True])  # its warning is tested above
     monkeypatch.setattr(flex, "flex_block_sparse_attention", broken)
     q, k, v = _inputs(1, 2, 96, 96, 16)
     m = _random_mask(1, 2, 96, 96, 32)

@@ -8,7 +8,6 @@ count, which is what its pipeline mode does internally.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -90,7 +89,6 @@ class CacheDiTMethod(Method):
     def attach(self, session: AccelSession) -> None:
         import cache_dit
 
-        logging.getLogger("cache_dit").setLevel(logging.WARNING)
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if self.config.taylorseer else None
         cache_dit.enable_cache(session.denoiser, cache_config=self._cache_config(
             20, session.adapter.cfg_layout == "separate"), calibrator_config=calibrator)

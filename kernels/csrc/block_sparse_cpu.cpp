@@ -39,6 +39,25 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 
 using Vec = at::vec::Vectorized<float>;
 
+// Horizontal reductions through a stored copy of the vector. at::vec::vec_reduce_all is not used because its
+// overload set differs between the ISA headers (the AVX-512 one takes other argument types than the AVX2 and
+// generic ones), and a reduction per row and tile is too rare for its shuffles to matter.
+float reduce_max(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int i = 1; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+float reduce_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
 // Row-wise online-softmax update of one tile: s [m, n] scores (scaled) are replaced by exp(s - new_max);
 // row_max/row_sum are updated and `acc` [m, d] is rescaled by exp(old_max - new_max).
 void softmax_update(float* s, int64_t m, int64_t n, float* row_max, float* row_sum, float* acc, int64_t d) {
@@ -48,7 +67,7 @@ void softmax_update(float* s, int64_t m, int64_t n, float* row_max, float* row_s
     Vec vmax(-std::numeric_limits<float>::infinity());
     int64_t c = 0;
     for (; c < vn; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-    float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    float mx = reduce_max(vmax);
     for (; c < n; ++c) mx = std::max(mx, row[c]);
     const float new_max = std::max(mx, row_max[r]);
     const Vec vnew(new_max);
@@ -59,7 +78,7 @@ void softmax_update(float* s, int64_t m, int64_t n, float* row_max, float* row_s
       p.store(row + c);
       vsum = vsum + p;
     }
-    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+    float sum = reduce_sum(vsum);
     for (; c < n; ++c) {
       row[c] = std::exp(row[c] - new_max);
       sum += row[c];

@@ -15,11 +15,9 @@ from .shapes import heldout_prompts, make_batch
 
 def load(name: str, path: str | Path | None = None):
     """The shipped (or a given) testbed pipeline, progress bar off."""
-    from diffusers import DiffusionPipeline
+    from ...loading import load_pipeline
 
-    from .registry import testbed_path
-
-    pipe = DiffusionPipeline.from_pretrained(str(path if path is not None else testbed_path(name)))
+    pipe = load_pipeline(str(path) if path is not None else f"testbed:{name}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

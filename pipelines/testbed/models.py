@@ -12,11 +12,19 @@ from typing import Any
 
 import torch
 
+from ..contract import with_sampler_contract
 from .text import CLIP_DIM, T5_DIM, build_clip, build_t5
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16  # 64x64 images → 16x16x4 latents
 TESTBED_NAMES: tuple[str, ...] = ("pixart", "flow")
+#: How each testbed is sampled: its sampler contract, saved with the pipeline (``model_index.json``) so that a call
+#: with only a prompt samples this way; every number reported for the testbed is measured with these settings.
+SAMPLER_CONTRACTS: dict[str, dict[str, Any]] = {
+    "pixart": {"num_inference_steps": 20, "guidance_scale": 4.5, "height": 64, "width": 64,
+               "use_resolution_binning": False, "clean_caption": False},
+    "flow": {"num_inference_steps": 28, "true_cfg_scale": 4.0, "negative_prompt": "", "height": 64, "width": 64},
+}
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -60,13 +68,15 @@ def pixart_scheduler():
                                        algorithm_type="dpmsolver++")
 
 
-def assemble_pixart(transformer, vae, seed: int = 0):
-    """A ``PixArtAlphaPipeline`` around ``transformer`` and ``vae`` with the testbed T5."""
+def assemble_pixart(transformer, vae, seed: int = 0, sampler_contract: dict[str, Any] | None = None):
+    """A ``PixArtAlphaPipeline`` (with the testbed's sampler contract, or ``sampler_contract``) around
+    ``transformer`` and ``vae`` with the testbed T5."""
     from diffusers import PixArtAlphaPipeline
 
     text_encoder, tokenizer = build_t5(seed)
-    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                               scheduler=pixart_scheduler())
+    return with_sampler_contract(PixArtAlphaPipeline)(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=pixart_scheduler(), sampler_contract=sampler_contract or SAMPLER_CONTRACTS["pixart"])
 
 
 # ------------------------------------------------------------------------------------------------ Flux
@@ -90,14 +100,17 @@ def flow_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
-def assemble_flux(transformer, vae, seed: int = 0):
-    """A ``FluxPipeline`` around ``transformer`` and ``vae`` with the testbed CLIP and T5."""
+def assemble_flux(transformer, vae, seed: int = 0, sampler_contract: dict[str, Any] | None = None):
+    """A ``FluxPipeline`` (with the testbed's sampler contract, or ``sampler_contract``) around ``transformer`` and
+    ``vae`` with the testbed CLIP and T5."""
     from diffusers import FluxPipeline
 
     text_encoder, tokenizer = build_clip(seed)
     text_encoder_2, tokenizer_2 = build_t5(seed + 1)
-    return FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return with_sampler_contract(FluxPipeline)(
+        scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        sampler_contract=sampler_contract or SAMPLER_CONTRACTS["flow"])
 
 
 # ------------------------------------------------------------------------------------------------ tiers
@@ -121,9 +134,9 @@ def build_speed_pipeline(name: str, seed: int = 0):
     """
     transformer = build_transformer(name, "speed", seed).eval()
     vae = build_vae(seed, shift_factor=0.0).eval()  # FluxPipeline needs a shift factor; PixArt ignores it
-    if name == "pixart":
-        return assemble_pixart(transformer, vae, seed)
-    return assemble_flux(transformer, vae, seed)
+    contract = {**SAMPLER_CONTRACTS[name], **speed_call_kwargs(name)}
+    assemble = assemble_pixart if name == "pixart" else assemble_flux
+    return assemble(transformer, vae, seed, sampler_contract=contract)
 
 
 def speed_call_kwargs(name: str) -> dict[str, Any]:

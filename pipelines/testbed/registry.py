@@ -5,17 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .models import TESTBED_NAMES
+from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
 __all__ = ["TESTBED_NAMES", "asset_dir_name", "default_call_kwargs", "testbed_path"]
-
-#: Default sampling settings of each testbed (the numbers reported for it are measured with these).
-DEFAULT_CALL_KWARGS: dict[str, dict[str, Any]] = {
-    "pixart": {"num_inference_steps": 20, "guidance_scale": 4.5, "height": 64, "width": 64,
-               "use_resolution_binning": False, "clean_caption": False},
-    "flow": {"num_inference_steps": 28, "true_cfg_scale": 4.0, "negative_prompt": "", "height": 64, "width": 64},
-}
 
 
 def asset_dir_name(name: str) -> str:
@@ -43,6 +36,7 @@ def testbed_path(name: str) -> Path:
 
 
 def default_call_kwargs(name: str) -> dict[str, Any]:
-    """A copy of the default call arguments of testbed ``name`` (64x64, default steps and guidance)."""
+    """A copy of the default call arguments of testbed ``name`` (64x64, default steps and guidance): its sampler
+    contract, which the shipped checkpoint also carries in ``model_index.json``."""
     _check(name)
-    return dict(DEFAULT_CALL_KWARGS[name])
+    return dict(SAMPLER_CONTRACTS[name])
