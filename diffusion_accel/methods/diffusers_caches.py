@@ -106,9 +106,10 @@ class DiffusersCacheMethod(Method):
         self._diffusers_config = self.config.to_diffusers(session)
         apply_fn, self._hook_names = _diffusers_cache_api(self._diffusers_config)
         self._had_cache_attr = "_cache_config" in denoiser.__dict__
-        self._through_mixin = isinstance(denoiser, CacheMixin)
-        if self._through_mixin:
+        self._through_mixin = False
+        if isinstance(denoiser, CacheMixin):
             denoiser.enable_cache(self._diffusers_config)
+            self._through_mixin = True
             self._install_safe_disable(denoiser)
         else:
             apply_fn(denoiser, self._diffusers_config)
@@ -148,7 +149,7 @@ class DiffusersCacheMethod(Method):
             # else: the user's disable_cache() already removed it (and maybe enabled another one: leave that)
             if not self._had_cache_attr and denoiser.__dict__.get("_cache_config", ...) is None:
                 del denoiser._cache_config
-        else:
+        else:  # no CacheMixin, or enable_cache failed half-way: remove whatever hooks it registered
             registry = HookRegistry.check_if_exists_or_initialize(denoiser)
             for name in self._hook_names:
                 registry.remove_hook(name, recurse=True)
