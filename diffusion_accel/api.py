@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import MethodConfig, parse_config, registered_methods
 from .pipelines.adapters import find_adapter
-from .session import SESSION_ATTR, AccelSession
+from .session import SESSION_ATTR, AccelSession, sessions_on
 from .stats import format_stats
 
 ConfigSpec = MethodConfig | str | Path | Mapping[str, Any]
@@ -80,6 +80,23 @@ def _parse_all(configs: tuple[ConfigSpec, ...], options: dict[str, Any]) -> list
     return parsed
 
 
+def _check_shared_denoiser(pipe: Any, adapter: Any, parsed: list[MethodConfig]) -> None:
+    """Refuse to share a denoiser with another pipeline's session when either side cannot be gated per pipeline."""
+    others = [s for s in sessions_on(adapter.get_denoiser(pipe)) if s.pipe is not pipe]
+    if not others:
+        return
+    exclusive = [c.name for c in parsed if not c.shares_denoiser]
+    exclusive += [c.name for s in others for c in s.configs if not c.shares_denoiser]
+    if exclusive:
+        other = type(others[0].pipe).__name__
+        raise ValueError(
+            f"The {adapter.denoiser} is shared with another pipeline ({other}) that has diffusion-accel methods "
+            f"attached, and {exclusive[0]} replaces the {adapter.denoiser}'s forward, so it cannot be limited to one "
+            "pipeline. Call diffusion_accel.remove(<the other pipeline>) first, or give each pipeline its own "
+            f"{adapter.denoiser}."
+        )
+
+
 def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     """Attach acceleration methods to a loaded Diffusers pipeline.
 
@@ -109,6 +126,7 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     problems = [f"{c.name}: {reason}" for c in parsed if (reason := c.not_applicable_reason(adapter, pipe))]
     if problems:
         raise ValueError("Cannot apply to this pipeline: " + "; ".join(problems) + ".")
+    _check_shared_denoiser(pipe, adapter, parsed)
     session = AccelSession(pipe, adapter, parsed)
     session.attach()  # rolls itself back on failure
     return AccelHandle(session)

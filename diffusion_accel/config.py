@@ -33,6 +33,9 @@ class MethodConfig:
     families: ClassVar[tuple[str, ...] | None] = None
     #: One line for ``list-methods`` and the README table.
     summary: ClassVar[str] = ""
+    #: False for a method that replaces the denoiser's ``forward`` instead of registering hooks: it cannot be gated
+    #: per pipeline, so no other pipeline sharing the denoiser may have methods attached at the same time.
+    shares_denoiser: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -46,6 +49,9 @@ class MethodConfig:
             return f"{self.name} supports the families {', '.join(self.families)}, not {adapter.family}"
         if self.families is None and not adapter.block_lists:
             return f"{self.name} needs a transformer block list and {adapter.family} has none"
+        if adapter.block_lists and not adapter.get_blocks(pipe):
+            lists = ", ".join(adapter.block_lists)
+            return f"{self.name} needs transformer blocks and this {adapter.denoiser}'s {lists} is empty"
         return None
 
     def build(self) -> Method:

@@ -7,6 +7,11 @@ Everything is built on Diffusers' ``HookRegistry`` / ``ModelHook`` so that our h
   negative prompt). Python looks ``__call__`` up on the type, so an instance attribute cannot intercept it; the
   session swaps the pipeline's class for a same-named subclass whose ``__call__`` brackets the original, and
   restores the original class on removal.
+* **Whose call it is.** Hooks live on the denoiser, which several pipelines may share (``from_pipe``,
+  ``Cls(**pipe.components)``), but methods belong to one pipeline. The swapped ``__call__`` marks its session as
+  the active one for the duration of the call, and every hook a session installs (its own, and those Diffusers'
+  caches register for it) is *gated*: outside that session's calls it passes straight through to the forward it
+  wraps. Several sessions on one denoiser each get their own hooks under distinct names.
 * **The step context.** An outermost hook on the denoiser derives the sampling step from the timestep and the
   scheduler (see :mod:`diffusion_accel.context`), labels every batch row with its CFG branch and sample, and, for
   pipelines that never call ``cache_context`` (PixArt, SD3, ...), sets a Diffusers ``CacheContext`` so that
@@ -15,9 +20,12 @@ Everything is built on Diffusers' ``HookRegistry`` / ``ModelHook`` so that our h
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,6 +42,83 @@ from .stats import CallStats
 SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
 _BLOCK_COUNTER_HOOK = "diffusion_accel.block_counter"
+
+#: The session whose pipeline call is running in this thread / task (``None`` outside patched calls).
+_ACTIVE_SESSION: contextvars.ContextVar[AccelSession | None] = contextvars.ContextVar(
+    "diffusion_accel_active_session", default=None)
+#: Attached sessions per denoiser, in attach order (several pipelines can share one denoiser).
+_SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, list[AccelSession]] = weakref.WeakKeyDictionary()
+
+
+def sessions_on(denoiser: torch.nn.Module) -> list[AccelSession]:
+    """The attached sessions whose hooks are on ``denoiser``, oldest first."""
+    return list(_SESSIONS.get(denoiser, ()))
+
+
+def _gate(fn_ref: Any, is_active: Callable[[], bool]) -> None:
+    """Make one registered hook act only while ``is_active()``; otherwise it passes straight through.
+
+    Works on the hook's ``HookFunctionReference``, which the registry's rewritten forward reads at every call, so
+    it gates Diffusers' own hooks as well as ours without knowing what they do.
+    """
+    pre, post = fn_ref.pre_forward, fn_ref.post_forward
+
+    def pre_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        return pre(module, *args, **kwargs) if is_active() else (args, kwargs)
+
+    def post_forward(module: torch.nn.Module, output: Any) -> Any:
+        return post(module, output) if is_active() else output
+
+    fn_ref.pre_forward, fn_ref.post_forward = pre_forward, post_forward
+    if fn_ref.original_forward is not None:  # a `new_forward` hook: bypass it, not only its pre/post
+        hooked = fn_ref.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if is_active():
+                return hooked(*args, **kwargs)
+            return fn_ref.original_forward(*args, **kwargs)
+
+        fn_ref.forward = forward
+
+
+def _input_of(fn_ref: Any) -> Callable[..., Any]:
+    """The forward a hook wraps (what runs below it)."""
+    return fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+
+
+@contextlib.contextmanager
+def relinked_hook_chains(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Remove hooks inside this block from anywhere in a chain, not only from its top.
+
+    ``HookRegistry.remove_hook`` re-links the next hook by overwriting its ``forward``; when that next hook has a
+    ``new_forward`` this drops the hook itself from the chain and leaves its ``original_forward`` pointing at the
+    removed one. Several sessions on one denoiser (or a user's ``disable_cache()`` under our hooks) remove hooks
+    that are not on top, so this records every chain before the block and rebuilds the chains whose hooks changed.
+    """
+    saved = []
+    for module in modules:
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None or not registry._fn_refs:
+            continue
+        refs = list(registry._fn_refs)
+        # What each hook's rewritten forward is: the input of the next hook, or the module's forward for the top one.
+        wrappers = [_input_of(ref) for ref in refs[1:]] + [module.forward]
+        links = {id(ref): (wrapper, ref.forward if ref.original_forward is not None else None)
+                 for ref, wrapper in zip(refs, wrappers, strict=True)}
+        saved.append((module, registry, refs, _input_of(refs[0]), links))
+    yield
+    for module, registry, refs, below, links in saved:
+        remaining = list(registry._fn_refs)
+        if remaining == refs or any(id(ref) not in links for ref in remaining):
+            continue  # unchanged, or hooks were added meanwhile: leave the registry's own linking alone
+        for ref in remaining:
+            wrapper, hooked = links[id(ref)]
+            if hooked is not None:
+                ref.forward, ref.original_forward = hooked, below
+            else:
+                ref.forward = below
+            below = wrapper
+        module.forward = below
 
 
 class _NoState(BaseState):
@@ -114,6 +199,7 @@ class AccelSession:
         self._snapshot: dict[int, tuple[bool, bool]] = {}
         self._timestep_position: int | None = None
         self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
+        self._gated: set[int] = set()
         self.attached = False
 
     # ------------------------------------------------------------------ properties
@@ -126,17 +212,63 @@ class AccelSession:
         return self.adapter.get_blocks(self.pipe)
 
     # ------------------------------------------------------------------ hooks
-    def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        """Register ``hook`` on ``module`` under ``name``; :meth:`detach` removes it again."""
+    def is_active(self) -> bool:
+        """Whether this session's pipeline call is running (its hooks act only then)."""
+        return _ACTIVE_SESSION.get() is self
+
+    def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> str:
+        """Register ``hook`` on ``module``, gated to this session's calls; :meth:`detach` removes it again.
+
+        Returns the name it was registered under: ``name``, or ``name#2``, ... where another session sharing the
+        denoiser already holds ``name`` on this module.
+        """
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, name)
-        self._undo.append(functools.partial(registry.remove_hook, name, recurse=False))
+        unique, n = name, 1
+        while unique in registry.hooks:
+            n += 1
+            unique = f"{name}#{n}"
+        registry.register_hook(hook, unique)
+        self._gated.add(id(registry._fn_refs[-1]))
+        _gate(registry._fn_refs[-1], self.is_active)
+        self._undo.append(functools.partial(self._remove_hook, module, unique))
         HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
+        return unique
+
+    @staticmethod
+    def _remove_hook(module: torch.nn.Module, name: str) -> None:
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            with relinked_hook_chains([module]):
+                registry.remove_hook(name, recurse=False)
+
+    def _hook_refs(self) -> dict[int, Any]:
+        refs = {}
+        for module in self.denoiser.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None:
+                refs.update((id(ref), ref) for ref in registry._fn_refs)
+        return refs
+
+    def _attach_method(self, method: Method) -> None:
+        """Attach one method and gate the hooks it registered other than through :meth:`register_hook`."""
+        before = self._hook_refs()
+        self._undo.append(functools.partial(self._detach_method, method))
+        method.attach(self)
+        for key, ref in self._hook_refs().items():
+            if key not in before and key not in self._gated:
+                self._gated.add(key)
+                _gate(ref, self.is_active)
+
+    def _detach_method(self, method: Method) -> None:
+        with relinked_hook_chains(list(self.denoiser.modules())):
+            method.detach(self)
 
     def _take_snapshot(self) -> None:
-        self._snapshot = {
-            id(m): (hasattr(m, "_diffusers_hook"), "forward" in m.__dict__) for m in self.denoiser.modules()
-        }
+        """Record which modules had a hook registry / instance ``forward`` before any session attached."""
+        current = {id(m): (hasattr(m, "_diffusers_hook"), "forward" in m.__dict__) for m in self.denoiser.modules()}
+        others = [s for s in sessions_on(self.denoiser) if s is not self]
+        # Sessions sharing the denoiser saw it before our hooks: their record is the untouched state.
+        self._snapshot = {**current, **others[0]._snapshot} if others else current
 
     def _restore_snapshot(self) -> None:
         """Drop hook registries and instance ``forward`` attributes that did not exist before we attached."""
@@ -156,12 +288,12 @@ class AccelSession:
     def attach(self) -> None:
         """Attach every method, then the context hook (outermost), then intercept pipeline calls."""
         self._take_snapshot()
+        _SESSIONS.setdefault(self.denoiser, []).append(self)
         try:
             for index, block in enumerate(self.blocks):
                 self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
             for method in sorted(self.methods, key=lambda m: -m.priority):
-                self._undo.append(functools.partial(method.detach, self))
-                method.attach(self)
+                self._attach_method(method)
             self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
             self._original_class = type(self.pipe)
             object.__setattr__(self.pipe, SESSION_ATTR, self)
@@ -172,7 +304,10 @@ class AccelSession:
         self.attached = True
 
     def detach(self) -> None:
-        """Remove every hook and change, leaving the pipeline exactly as before :meth:`attach`."""
+        """Remove every hook and change, leaving the pipeline exactly as before :meth:`attach`.
+
+        Other sessions sharing the denoiser keep working: hooks are unlinked from wherever they sit in a chain.
+        """
         if self._original_class is not None:
             object.__setattr__(self.pipe, "__class__", self._original_class)
             self._original_class = None
@@ -184,7 +319,13 @@ class AccelSession:
                 self._undo.pop()()
             except Exception as exc:  # keep going: the pipeline must be restored as far as possible
                 errors.append(exc)
+        self._gated.clear()
         self._restore_snapshot()
+        sessions = _SESSIONS.get(self.denoiser, [])
+        if self in sessions:
+            sessions.remove(self)
+        if not sessions:
+            _SESSIONS.pop(self.denoiser, None)
         self.attached = False
         if errors:
             raise errors[0]
@@ -204,11 +345,15 @@ class AccelSession:
         for method in self.methods:  # methods that re-shape the whole call (bottleneck stages) wrap it
             if hasattr(method, "wrap_call"):
                 call = functools.partial(method.wrap_call, self, call)
-        self.begin_call(call_args)
+        token = _ACTIVE_SESSION.set(self)
         try:
-            return call(pipe, *args, **kwargs)
+            self.begin_call(call_args)
+            try:
+                return call(pipe, *args, **kwargs)
+            finally:
+                self.end_call()
         finally:
-            self.end_call()
+            _ACTIVE_SESSION.reset(token)
 
     def begin_call(self, call_args: dict[str, Any]) -> None:
         self.call_args = call_args

@@ -43,6 +43,20 @@ def guidance_not_applicable_reason(adapter: ModelAdapter, pipe: Any) -> str | No
     return None
 
 
+def prediction_not_convertible_reason(name: str, adapter: ModelAdapter, pipe: Any) -> str | None:
+    """Why ``name`` cannot convert this denoiser's predictions between spaces (``None`` if it can)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    config = getattr(scheduler, "config", None)
+    declared = config.get("prediction_type") if hasattr(config, "get") else None
+    if declared is not None and declared not in ("epsilon", "v_prediction"):
+        return (f"{name} reads the denoiser output as {adapter.prediction} predictions, but the scheduler is set to "
+                f"prediction_type={declared!r}; use a scheduler with prediction_type 'epsilon' or 'v_prediction'")
+    if adapter.prediction != "flow" and getattr(scheduler, "alphas_cumprod", None) is None:
+        return (f"{name} converts {adapter.prediction} predictions with the scheduler's alphas_cumprod, and "
+                f"{type(scheduler).__name__} has none; use a DDPM-family scheduler (DDIM, DPM-Solver, Euler)")
+    return None
+
+
 @register_method
 @dataclass
 class AdaptiveGuidanceConfig(MethodConfig):
@@ -70,7 +84,8 @@ class AdaptiveGuidanceConfig(MethodConfig):
             raise ValueError(f"adaptive_guidance min_step must be >= 0, got {self.min_step}.")
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
-        return guidance_not_applicable_reason(adapter, pipe)
+        return guidance_not_applicable_reason(adapter, pipe) or prediction_not_convertible_reason(self.name, adapter,
+                                                                                                  pipe)
 
     def build(self) -> Method:
         return AdaptiveGuidanceMethod(self)

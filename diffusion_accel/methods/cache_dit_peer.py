@@ -3,10 +3,15 @@
 cache-dit patches the pipeline *class*'s ``__call__`` in pipeline mode; we use its transformer-only mode instead
 (so the pipeline class stays ours to manage) and refresh its context at every pipeline call with the call's step
 count, which is what its pipeline mode does internally.
+
+cache-dit replaces the transformer's ``forward`` rather than registering Diffusers hooks, so the session cannot gate
+it; we gate it here: outside this pipeline's calls (another pipeline sharing the transformer) the forward cache-dit
+wrapped runs instead.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,6 +47,7 @@ class DBCacheConfig(MethodConfig):
     families: ClassVar[tuple[str, ...] | None] = _CACHE_DIT_FAMILIES
     summary: ClassVar[str] = "cache-dit DBCache (peer; needs the [peers] extra)"
     exclusive_group: ClassVar[str] = "diffusers_cache"
+    shares_denoiser: ClassVar[bool] = False
     Fn_compute_blocks: int = 1
     Bn_compute_blocks: int = 0
     residual_diff_threshold: float = 0.08
@@ -57,7 +63,9 @@ class DBCacheConfig(MethodConfig):
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
         if importlib.util.find_spec("cache_dit") is None:
             return "cache-dit is not installed (pip install 'diffusion-accel[peers]')"
-        reason = super().not_applicable_reason(adapter, pipe)
+        from .diffusers_caches import diffusers_cache_clash_reason
+
+        reason = super().not_applicable_reason(adapter, pipe) or diffusers_cache_clash_reason(adapter, pipe)
         if reason is None:
             depth = len(adapter.get_blocks(pipe))
             if self.Fn_compute_blocks + self.Bn_compute_blocks >= depth:
@@ -75,6 +83,7 @@ class CacheDiTMethod(Method):
     def __init__(self, config: DBCacheConfig) -> None:
         super().__init__(config)
         self.config: DBCacheConfig = config
+        self._gated_forward: tuple[Any, Any] | None = None
 
     def _cache_config(self, steps: int, separate_cfg: bool) -> Any:
         import cache_dit
@@ -90,8 +99,19 @@ class CacheDiTMethod(Method):
         import cache_dit
 
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if self.config.taylorseer else None
-        cache_dit.enable_cache(session.denoiser, cache_config=self._cache_config(
+        denoiser = session.denoiser
+        cache_dit.enable_cache(denoiser, cache_config=self._cache_config(
             20, session.adapter.cfg_layout == "separate"), calibrator_config=calibrator)
+        cached = denoiser.__dict__.get("forward")
+        uncached = getattr(denoiser, "_original_forward", None)
+        self._gated_forward = None
+        if cached is not None and uncached is not None:
+            @functools.wraps(cached)
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return (cached if session.is_active() else uncached)(*args, **kwargs)
+
+            denoiser.forward = forward
+            self._gated_forward = (forward, cached)
 
     def on_call_begin(self, session: AccelSession) -> None:
         import cache_dit
@@ -103,4 +123,10 @@ class CacheDiTMethod(Method):
     def detach(self, session: AccelSession) -> None:
         import cache_dit
 
-        cache_dit.disable_cache(session.denoiser)
+        denoiser = session.denoiser
+        if self._gated_forward is not None:
+            gated, cached = self._gated_forward
+            if denoiser.__dict__.get("forward") is gated:
+                denoiser.forward = cached
+            self._gated_forward = None
+        cache_dit.disable_cache(denoiser)

@@ -109,11 +109,14 @@ class DeltaCacheConfig(MethodConfig):
         reason = super().not_applicable_reason(adapter, pipe)
         if reason is not None:
             return reason
-        depth = len(adapter.get_blocks(pipe))
+        from .diffusers_caches import unregistered_block_reason
+
+        blocks = adapter.get_blocks(pipe)
+        depth = len(blocks)
         if isinstance(self.num_cached_blocks, int) and self.num_cached_blocks > depth:
             return (f"num_cached_blocks={self.num_cached_blocks} is past the model depth ({depth} blocks); use at "
                     f"most {depth}, or a fraction such as 0.75")
-        return None
+        return unregistered_block_reason(self.name, blocks)
 
     def build(self) -> Method:
         return DeltaCacheMethod(self)

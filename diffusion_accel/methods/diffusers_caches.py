@@ -1,8 +1,13 @@
 """Diffusers' own caches through the same ``apply``: FirstBlockCache, TaylorSeer, MagCache, PAB, FasterCache.
 
-These wrap ``ModelMixin.enable_cache`` rather than re-implementing the peers, so that benchmarks compare against
-exactly what Diffusers ships. On pipelines that never call ``cache_context`` (PixArt, SD3, DiT, LTX, ...) the
-session sets the ``CacheContext`` these hooks need.
+These apply Diffusers' own caches rather than re-implementing the peers, so that benchmarks compare against exactly
+what Diffusers ships. On pipelines that never call ``cache_context`` (PixArt, SD3, DiT, LTX, ...) the session sets
+the ``CacheContext`` these hooks need.
+
+Where the denoiser mixes in ``CacheMixin`` we go through its ``enable_cache`` / ``disable_cache``, so that
+``is_cache_enabled`` reads True while ours is on, Diffusers' own guard refuses a second cache, and a user's
+``disable_cache()`` removes ours. Diffusers keeps one cache per model (its hooks have fixed names), so two pipelines
+sharing a denoiser cannot both hold one: the second is refused with the fix.
 """
 
 from __future__ import annotations
@@ -24,17 +29,18 @@ _TRANSFORMER_FAMILIES = ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "
                          "hunyuan_video", "ltx_video")
 
 
-def _diffusers_cache_api(config: Any) -> tuple[Any, tuple[str, ...]]:
-    """The ``apply_*`` function Diffusers' ``enable_cache`` dispatches to, and the hook names it registers.
+def _diffusers_cache_table() -> dict[type, tuple[Any, tuple[str, ...]]]:
+    """Per Diffusers cache config class: the ``apply_*`` function ``enable_cache`` dispatches to, and the names of
+    the hooks it registers.
 
-    We call the ``apply_*`` functions directly instead of ``enable_cache`` because not every Diffusers model mixes
-    in ``CacheMixin`` (``PixArtTransformer2DModel`` and ``DiTTransformer2DModel`` do not).
+    The ``apply_*`` functions are used on models without ``CacheMixin`` (``PixArtTransformer2DModel`` and
+    ``DiTTransformer2DModel``), which have no ``enable_cache``.
     """
     from diffusers import hooks
     from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast
     from diffusers.hooks import taylorseer_cache as taylorseer
 
-    table = {
+    return {
         hooks.FirstBlockCacheConfig: (hooks.apply_first_block_cache,
                                       (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK)),
         hooks.MagCacheConfig: (hooks.apply_mag_cache,
@@ -45,30 +51,129 @@ def _diffusers_cache_api(config: Any) -> tuple[Any, tuple[str, ...]]:
                                   (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK)),
         hooks.TaylorSeerCacheConfig: (hooks.apply_taylorseer_cache, (taylorseer._TAYLORSEER_CACHE_HOOK,)),
     }
-    return table[type(config)]
+
+
+def _diffusers_cache_api(config: Any) -> tuple[Any, tuple[str, ...]]:
+    return _diffusers_cache_table()[type(config)]
+
+
+def diffusers_cache_hooks_on(denoiser: torch.nn.Module) -> list[str]:
+    """Names of Diffusers cache hooks registered anywhere in ``denoiser`` (by ``enable_cache`` or ``apply_*``)."""
+    known = {name for _, names in _diffusers_cache_table().values() for name in names}
+    found: set[str] = set()
+    for module in denoiser.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            found.update(name for name in registry.hooks if name in known)
+    return sorted(found)
+
+
+def diffusers_block_lists(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks Diffusers' FirstBlockCache and MagCache hook: every ``ModuleList`` child with a block-list name."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return [block for name, child in denoiser.named_children()
+            if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+            for block in child]
+
+
+def unregistered_block_reason(name: str, blocks: list[torch.nn.Module]) -> str | None:
+    """Why ``name`` cannot read these blocks' streams: a block class missing from ``TransformerBlockRegistry``."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+    from diffusers.utils.torch_utils import unwrap_module
+
+    for block in blocks:
+        cls = unwrap_module(block).__class__
+        try:
+            TransformerBlockRegistry.get(cls)
+        except ValueError:
+            return (f"{name} needs to know where {cls.__name__} keeps its hidden states; register it with "
+                    "diffusers.hooks._helpers.TransformerBlockRegistry.register(cls, TransformerBlockMetadata(...))")
+    return None
 
 
 class DiffusersCacheMethod(Method):
-    """Applies one of Diffusers' cache configs to the denoiser and removes its hooks on detach."""
+    """Applies one of Diffusers' cache configs to the denoiser and removes it on detach."""
 
     uses_diffusers_cache_context = True
     priority = 40
 
     def attach(self, session: AccelSession) -> None:
         from diffusers.hooks import HookRegistry
+        from diffusers.models.cache_utils import CacheMixin
 
-        diffusers_config = self.config.to_diffusers(session)
-        apply_fn, self._hook_names = _diffusers_cache_api(diffusers_config)
-        apply_fn(session.denoiser, diffusers_config)
-        HookRegistry.check_if_exists_or_initialize(session.denoiser).invalidate_child_registries_cache()
+        denoiser = session.denoiser
+        self._diffusers_config = self.config.to_diffusers(session)
+        apply_fn, self._hook_names = _diffusers_cache_api(self._diffusers_config)
+        self._had_cache_attr = "_cache_config" in denoiser.__dict__
+        self._through_mixin = False
+        if isinstance(denoiser, CacheMixin):
+            denoiser.enable_cache(self._diffusers_config)
+            self._through_mixin = True
+            self._install_safe_disable(denoiser)
+        else:
+            apply_fn(denoiser, self._diffusers_config)
+        HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+
+    def _install_safe_disable(self, denoiser: torch.nn.Module) -> None:
+        """Let a user's ``disable_cache()`` remove our cache hooks even where other hooks were stacked on them.
+
+        Diffusers unlinks hooks correctly only from the top of a chain; ours (the session's context hook above
+        FasterCache's denoiser hook, a Δ-cache block hook above FirstBlockCache's) are stacked on top.
+        """
+        from ..session import relinked_hook_chains
+
+        disable = type(denoiser).disable_cache
+
+        def disable_cache() -> None:
+            with relinked_hook_chains(list(denoiser.modules())):
+                disable(denoiser)
+
+        self._safe_disable = disable_cache
+        denoiser.disable_cache = disable_cache
 
     def detach(self, session: AccelSession) -> None:
         from diffusers.hooks import HookRegistry
 
-        registry = HookRegistry.check_if_exists_or_initialize(session.denoiser)
-        for name in getattr(self, "_hook_names", ()):
-            registry.remove_hook(name, recurse=True)
-        registry.invalidate_child_registries_cache()
+        denoiser = session.denoiser
+        config = getattr(self, "_diffusers_config", None)
+        if config is None:
+            return
+        safe_disable = getattr(self, "_safe_disable", None)
+        if safe_disable is not None and denoiser.__dict__.get("disable_cache") is safe_disable:
+            del denoiser.disable_cache
+        self._safe_disable = None
+        if self._through_mixin:
+            if getattr(denoiser, "_cache_config", None) is config:
+                denoiser.disable_cache()
+            # else: the user's disable_cache() already removed it (and maybe enabled another one: leave that)
+            if not self._had_cache_attr and denoiser.__dict__.get("_cache_config", ...) is None:
+                del denoiser._cache_config
+        else:  # no CacheMixin, or enable_cache failed half-way: remove whatever hooks it registered
+            registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+            for name in self._hook_names:
+                registry.remove_hook(name, recurse=True)
+            registry.invalidate_child_registries_cache()
+        self._diffusers_config = None
+
+
+def diffusers_cache_clash_reason(adapter: ModelAdapter, pipe: Any) -> str | None:
+    """Why no further cache can go on this pipeline's denoiser: it already holds one (ours or the user's)."""
+    from ..session import sessions_on
+
+    denoiser = adapter.get_denoiser(pipe)
+    for session in sessions_on(denoiser):
+        held = [c.name for c in session.configs if getattr(c, "exclusive_group", None) == "diffusers_cache"]
+        if held and session.pipe is not pipe:
+            return (f"the {adapter.denoiser} is shared with another pipeline ({type(session.pipe).__name__}) that "
+                    f"has diffusion_accel's {held[0]} on it, and a model holds one such cache at a time; call "
+                    "diffusion_accel.remove(<that pipeline>) first, or give this pipeline its own "
+                    f"{adapter.denoiser}")
+    if getattr(denoiser, "is_cache_enabled", False) or diffusers_cache_hooks_on(denoiser):
+        fix = (f"call pipe.{adapter.denoiser}.disable_cache() first" if hasattr(denoiser, "disable_cache")
+               else "remove those hooks first")
+        return f"the {adapter.denoiser} already has a Diffusers cache enabled; {fix}"
+    return None
 
 
 @dataclass
@@ -78,10 +183,7 @@ class _DiffusersCacheConfig(MethodConfig):
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
         reason = super().not_applicable_reason(adapter, pipe)
-        if reason is None and getattr(adapter.get_denoiser(pipe), "is_cache_enabled", False):
-            return (f"the {adapter.denoiser} already has a Diffusers cache enabled; call "
-                    f"pipe.{adapter.denoiser}.disable_cache() first")
-        return reason
+        return reason if reason is not None else diffusers_cache_clash_reason(adapter, pipe)
 
     def to_diffusers(self, session: AccelSession) -> Any:
         raise NotImplementedError
@@ -105,6 +207,16 @@ class FirstBlockCache(_DiffusersCacheConfig):
     def validate(self) -> None:
         if not self.threshold > 0:
             raise ValueError(f"fbcache threshold must be > 0 (got {self.threshold}); try 0.05-0.2.")
+
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        reason = super().not_applicable_reason(adapter, pipe)
+        if reason is not None:
+            return reason
+        blocks = diffusers_block_lists(adapter.get_denoiser(pipe))
+        if len(blocks) < 2:
+            return (f"fbcache needs at least 2 transformer blocks (a first block that always runs and a tail to "
+                    f"skip), and this {adapter.denoiser} has {len(blocks)}; use delta_cache or taylorseer instead")
+        return unregistered_block_reason(self.name, blocks)
 
     def to_diffusers(self, session: AccelSession) -> Any:
         from diffusers.hooks import FirstBlockCacheConfig
@@ -147,13 +259,25 @@ class TaylorSeerCache(_DiffusersCacheConfig):
             cache_interval=self.cache_interval, disable_cache_before_step=self.disable_cache_before_step,
             disable_cache_after_step=self.disable_cache_after_step, max_order=self.max_order,
             taylor_factors_dtype=getattr(torch, self.taylor_factors_dtype), use_lite_mode=self.use_lite_mode,
-            cache_identifiers=list(self.cache_identifiers or self.default_identifiers(session)),
+            cache_identifiers=list(self.cache_identifiers or self.default_identifiers(session.adapter)),
         )
 
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        reason = super().not_applicable_reason(adapter, pipe)
+        if reason is not None or self.use_lite_mode:
+            return reason
+        patterns = list(self.cache_identifiers or self.default_identifiers(adapter))
+        names = [name for name, _ in adapter.get_denoiser(pipe).named_modules()]
+        if not any(re.fullmatch(pattern, name) for pattern in patterns for name in names):
+            return (f"no module of this {adapter.denoiser} matches cache_identifiers {patterns}, so taylorseer "
+                    "would cache nothing; pass cache_identifiers that fullmatch module names "
+                    "(e.g. r'^blocks\\.\\d+\\.attn1$')")
+        return None
+
     @staticmethod
-    def default_identifiers(session: AccelSession) -> list[str]:
+    def default_identifiers(adapter: ModelAdapter) -> list[str]:
         """Every attention module of every block list the adapter names."""
-        return [rf"^{re.escape(name)}\.\d+\.attn\d*$" for name in session.adapter.block_lists]
+        return [rf"^{re.escape(name)}\.\d+\.attn\d*$" for name in adapter.block_lists]
 
 
 @register_method
@@ -175,6 +299,16 @@ class MagCache(_DiffusersCacheConfig):
         if self.max_skip_steps < 1:
             raise ValueError(f"magcache max_skip_steps must be >= 1 (got {self.max_skip_steps}).")
 
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        reason = super().not_applicable_reason(adapter, pipe)
+        if reason is not None:
+            return reason
+        blocks = diffusers_block_lists(adapter.get_denoiser(pipe))
+        if not blocks:
+            return (f"magcache hooks the blocks in the {adapter.denoiser}'s block lists and found none; its block "
+                    "lists must be ModuleLists named like Diffusers' (transformer_blocks, blocks, ...)")
+        return unregistered_block_reason(self.name, blocks)
+
     def to_diffusers(self, session: AccelSession) -> Any:
         from diffusers.hooks import MagCacheConfig
 
@@ -183,6 +317,16 @@ class MagCache(_DiffusersCacheConfig):
             threshold=self.threshold, max_skip_steps=self.max_skip_steps, retention_ratio=self.retention_ratio,
             num_inference_steps=self.num_inference_steps, mag_ratios=ratios, calibrate=ratios is None,
         )
+
+
+def _no_attention_reason(name: str, adapter: ModelAdapter, pipe: Any) -> str | None:
+    from diffusers.hooks._common import _ATTENTION_CLASSES
+
+    denoiser = adapter.get_denoiser(pipe)
+    if not any(isinstance(m, _ATTENTION_CLASSES) for m in denoiser.modules()):
+        return (f"{name} caches the outputs of Diffusers attention modules and this {adapter.denoiser} has none; "
+                "use a block cache (delta_cache, fbcache) instead")
+    return None
 
 
 @register_method
@@ -202,6 +346,9 @@ class PyramidAttentionBroadcast(_DiffusersCacheConfig):
         if lo >= hi:
             raise ValueError(f"pab spatial_attention_timestep_skip_range must be (low, high) with low < high, "
                              f"got {self.spatial_attention_timestep_skip_range}.")
+
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        return super().not_applicable_reason(adapter, pipe) or _no_attention_reason(self.name, adapter, pipe)
 
     def to_diffusers(self, session: AccelSession) -> Any:
         from diffusers.hooks import PyramidAttentionBroadcastConfig
@@ -232,6 +379,9 @@ class FasterCache(_DiffusersCacheConfig):
     def validate(self) -> None:
         if self.spatial_attention_block_skip_range < 1 or self.unconditional_batch_skip_range < 1:
             raise ValueError("fastercache skip ranges must be >= 1.")
+
+    def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
+        return super().not_applicable_reason(adapter, pipe) or _no_attention_reason(self.name, adapter, pipe)
 
     def to_diffusers(self, session: AccelSession) -> Any:
         from diffusers.hooks import FasterCacheConfig
