@@ -101,7 +101,8 @@ def run(
     return {
         "config": {"seq_len": seq_len, "heads": heads, "head_dim": head_dim, "block_size": block_size,
                    "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "backends": list(backends),
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()},
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "warmup_s": round(t_compile, 2),
         "skipped_backends": skipped,
         "rows": rows,
