@@ -63,6 +63,13 @@ def test_unpatched_second_pipeline_is_untouched(family, how):
     assert torch.equal(call_other(), other_baseline)
 
 
+def _shared_pair(family):
+    """A pipeline, a second one sharing its components, the untouched output and the model's fingerprint."""
+    pipe = tiny_pipeline(family)
+    other = _quiet(type(pipe).from_pipe(pipe))
+    return pipe, other, run_pipe(pipe, family), fingerprint(pipe)
+
+
 def _alone(family, *configs, **options) -> tuple[torch.Tensor, int]:
     """Output and blocks run of a method on a pipeline of its own."""
     pipe = tiny_pipeline(family)
@@ -73,10 +80,7 @@ def _alone(family, *configs, **options) -> tuple[torch.Tensor, int]:
 @pytest.mark.parametrize("first_removed", ["first", "second"])
 def test_both_pipelines_patched_each_with_its_own_methods(first_removed):
     family = "pixart_alpha"
-    pipe = tiny_pipeline(family)
-    other = _quiet(type(pipe).from_pipe(pipe))
-    baseline = run_pipe(pipe, family)
-    before = fingerprint(pipe)
+    pipe, other, baseline, before = _shared_pair(family)
     delta, delta_blocks = _alone(family, "delta_cache", interval=2)
     fbcache, fb_blocks = _alone(family, "fbcache", threshold=0.5)
     assert not torch.equal(delta, fbcache)
@@ -101,10 +105,7 @@ def test_both_pipelines_patched_each_with_its_own_methods(first_removed):
 
 def test_same_method_on_two_pipelines_sharing_the_denoiser():
     family = "wan"
-    pipe = tiny_pipeline(family)
-    other = _quiet(type(pipe).from_pipe(pipe))
-    baseline = run_pipe(pipe, family)
-    before = fingerprint(pipe)
+    pipe, other, baseline, before = _shared_pair(family)
     two, _ = _alone(family, "delta_cache", interval=2)
     three, _ = _alone(family, "delta_cache", interval=3)
     with da.accelerated(pipe, "delta_cache", interval=2), da.accelerated(other, "delta_cache", interval=3):
