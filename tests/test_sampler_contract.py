@@ -85,3 +85,14 @@ def test_bad_contracts_are_refused_with_the_fix():
     assert contract.FluxPipelineWithContract is contract.with_sampler_contract(diffusers.FluxPipeline)
     with pytest.raises(AttributeError):
         contract.NotAPipelineWithContract  # noqa: B018
+
+
+def test_a_retrained_testbed_checkpoint_carries_its_contract(tmp_path):
+    from diffusion_accel.pipelines.testbed.train_diffusion import train_pipeline
+
+    vae = registry.testbed_path("pixart") / "vae"
+    train_pipeline("pixart", tmp_path / "run", steps=2, batch_size=4, num_train=32, eval_prompts=0, vae_path=vae)
+    assert contract.is_own_contract_folder(tmp_path / "run")
+    pipe = da.load_pipeline(tmp_path / "run")
+    assert contract.contract_of(pipe) == registry.default_call_kwargs("pixart")
+    assert _image(pipe, "a red circle", num_inference_steps=2).shape == (64, 64, 3)
