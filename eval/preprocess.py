@@ -1,7 +1,8 @@
 """Named FID preprocessing modes: uint8 RGB image → float ``[3, 299, 299]`` network input.
 
-The four public FID libraries use the same Inception weights but differ here, by several FID points (see
-``shared/research/evaluators.md`` §1.2), so the mode is always recorded next to a score.
+The four public FID libraries use the same Inception weights but differ here, by several FID points (Parmar et al.,
+"On Aliased Resizing and Surprising Subtleties in GAN Evaluation", CVPR 2022), so the mode is always recorded next to
+a score.
 
 ========================  ======================================================  ===========================
 mode                      resize to 299×299                                       scaling into the network

@@ -1,4 +1,4 @@
-"""Block-sparse attention kernels (issue 8): one mask type, mask builders, and backends behind one dispatcher.
+"""Block-sparse attention kernels: one mask type, mask builders, and backends behind one dispatcher.
 
 Shapes: q, k, v ``[B, H, L, D]``; block masks ``[B or 1, H or 1, ceil(Lq/bs), ceil(Lk/bs)]`` (True = computed).
 

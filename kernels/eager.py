@@ -1,7 +1,7 @@
 """Plain-PyTorch block-sparse attention: gather the kept key blocks of each query-block row (any device, autograd).
 
 Why not FlexAttention here: eager ``flex_attention`` materialises the full score matrix and skips nothing
-(about 10x slower than dense SDPA on CPU, see shared/research/kernels.md); this loop does skip masked blocks.
+(measured about 10x slower than dense SDPA on CPU); this loop does skip masked blocks.
 Per query-block row ``i`` it gathers ``max_b,h counts[b,h,i]`` key blocks (padding masked), so the cost follows the
 number of kept tiles. Softmax is written out (not SDPA) to return the LSE.
 """

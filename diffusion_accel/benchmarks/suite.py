@@ -8,7 +8,7 @@ interleaved timing, medians), printed as tables and written as JSON under ``--ou
   never-skip overhead).
 * ``bottleneck``: Bottleneck Sampling vs the full-resolution baseline and the fewer-steps baseline of the same cost
   on ``testbed:flow`` (speed tier for time, quality tier for adherence/FID).
-* ``peers``: the issue-3 smoke run: ``testbed:pixart``, 16 prompts, baseline + two Diffusers peers.
+* ``peers``: a quick smoke run of the Diffusers peers: ``testbed:pixart``, 16 prompts, baseline + two Diffusers peers.
 """
 
 from __future__ import annotations
