@@ -9,7 +9,7 @@ caches. Adding a model is one :class:`ModelAdapter` entry (see the README sectio
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,8 @@ class ModelAdapter:
         timestep_scale: the pipeline passes ``timestep / timestep_scale`` to the denoiser (Flux: 1000).
         latent_layout: ``image`` ``[B,C,H,W]``, ``packed_image`` ``[B,L,C·p²]``, ``video`` ``[B,C,F,H,W]`` or
             ``packed_video`` ``[B,L,C]``.
+        unsupported_methods: method name -> why that method cannot run on this family (an upstream bug, a layout the
+            method cannot read). Methods are otherwise offered wherever their adapter predicate holds.
         extra: optional facts used by some methods: ``self_attention`` (attribute names of a block's
             self-attention modules), ``joint_text`` (``"prefix"``/``"suffix"``: where joint attention puts the text
             tokens), ``frames_first`` (video latents are ``[B,F,C,H,W]``), ``resolution_multiple``.
@@ -61,8 +63,23 @@ class ModelAdapter:
     learned_sigma: bool = False
     timestep_scale: float = 1.0
     latent_layout: LatentLayout = "image"
-    video: bool = False
+    unsupported_methods: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def video(self) -> bool:
+        return self.latent_layout in ("video", "packed_video")
+
+    @property
+    def tensor_format(self) -> str | None:
+        """Diffusers' name of the denoiser's output layout (``"BCHW"``, ``"BCFHW"``, ``"BFCHW"``); ``None`` for
+        packed token sequences, which have no spatial axes to filter."""
+        if self.latent_layout == "image":
+            return "BCHW"
+        if self.latent_layout == "video":
+            return "BFCHW" if self.extra.get("frames_first") else "BCFHW"
+        return None
 
     # ------------------------------------------------------------------ queries on a live pipeline
     def get_denoiser(self, pipe: Any) -> torch.nn.Module:
@@ -90,10 +107,17 @@ class ModelAdapter:
         return self.cfg_layout
 
 
+# Reasons shared by several families (tests/test_families.py runs every method the adapters allow).
+_CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that its disable_cache leaves behind"
+_CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block forwards in a way that outlives "
+                               "disable_cache (Diffusers' FirstBlockCache then fails on the same model)")
+
+
 def _adapter_list() -> list[ModelAdapter]:
     return [
         ModelAdapter(
             family="dit", pipeline_classes=("DiTPipeline",), uncond_first=False, learned_sigma=True,
+            unsupported_methods={"dbcache": _CACHE_DIT_LEAVES_MODULES},
             extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
@@ -108,7 +132,15 @@ def _adapter_list() -> list[ModelAdapter]:
             family="sd3",
             pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                               "StableDiffusion3InpaintPipeline"),
-            prediction="flow", extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
+            prediction="flow",
+            unsupported_methods={
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache subtracts the None encoder states of SD3's "
+                           "context_pre_only last block (TypeError)",
+                "fastercache": "Diffusers 0.42.1's FasterCache returns a batch of the wrong size on SD3 "
+                               "(2 images for 1)",
+                "dbcache": "cache-dit 1.5.3's transformer-only mode does not support SD3",
+            },
+            extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="flux",
@@ -117,27 +149,33 @@ def _adapter_list() -> list[ModelAdapter]:
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
             guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"dbcache": _CACHE_DIT_OUTLIVES_DISABLE},
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="cogvideox", pipeline_classes=("CogVideoXPipeline",), prediction="v_prediction",
-            latent_layout="video", video=True,
+            latent_layout="video",
             extra={"frames_first": True, "self_attention": ("attn1",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="wan", pipeline_classes=("WanPipeline",), block_lists=("blocks",), cfg_layout="separate",
-            prediction="flow", latent_layout="video", video=True, extra={"self_attention": ("attn1",)},
+            prediction="flow", latent_layout="video", extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="hunyuan_video", pipeline_classes=("HunyuanVideoPipeline",),
             block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
             cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True, guidance_distilled=True,
-            prediction="flow", latent_layout="video", video=True,
+            prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "dbcache": _CACHE_DIT_OUTLIVES_DISABLE,
+                "sparse_attention": "its attention processor always passes a text-padding mask, which sends "
+                                    "every call to dense attention, so the method would do nothing",
+            },
             extra={"self_attention": ("attn",), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="ltx_video", pipeline_classes=("LTXPipeline",), prediction="flow",
-            latent_layout="packed_video", video=True,
+            latent_layout="packed_video",
             extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTXPipeline.check_inputs
         ),
         ModelAdapter(
@@ -149,6 +187,23 @@ def _adapter_list() -> list[ModelAdapter]:
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in _adapter_list()}
+
+
+class families_where:  # noqa: N801  (used like a value: ``families = families_where(...)``)
+    """A method's ``families``, derived from the adapters instead of listed by name.
+
+    Read on the config class, it is the tuple of registered families whose adapter satisfies ``predicate`` and does
+    not name the method in ``unsupported_methods``, so a newly registered family gets every method its facts allow.
+    """
+
+    def __init__(self, predicate: Callable[[ModelAdapter], bool], description: str = "") -> None:
+        self.predicate = predicate
+        self.description = description
+
+    def __get__(self, instance: Any, owner: type | None = None) -> tuple[str, ...]:
+        method = getattr(owner if owner is not None else type(instance), "name", "")
+        return tuple(a.family for a in _ADAPTERS.values()
+                     if self.predicate(a) and method not in a.unsupported_methods)
 
 
 def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> ModelAdapter:
