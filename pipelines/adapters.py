@@ -30,6 +30,9 @@ class ModelAdapter:
         family: short family name (``"pixart_alpha"``, ``"flux"``, ...).
         pipeline_classes: Diffusers pipeline class names this adapter covers.
         denoiser: attribute of the pipeline holding the denoiser (``"transformer"`` or ``"unet"``).
+        experts: further denoiser attributes the pipeline switches to within a call (Wan 2.2's low-noise
+            ``transformer_2``). The adapter only matches pipelines where they are all set. Methods attach to
+            ``denoiser`` alone for now: steps run by another expert are not accelerated.
         block_lists: attribute names of the denoiser's ``ModuleList`` s of transformer blocks, in execution order.
             Flux's dual- and single-stream lists form one ordered range. Empty for UNets.
         cfg_layout: how the pipeline evaluates CFG: ``"batched"`` (one forward on a concatenated batch),
@@ -53,6 +56,7 @@ class ModelAdapter:
     family: str
     pipeline_classes: tuple[str, ...]
     denoiser: str = "transformer"
+    experts: tuple[str, ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)
     cfg_layout: CfgLayout = "batched"
     cfg_scale_arg: str = "guidance_scale"
@@ -162,6 +166,13 @@ def _adapter_list() -> list[ModelAdapter]:
             prediction="flow", latent_layout="video", extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
+            # Wan 2.2 A14B: WanPipeline with a high-noise `transformer` for t >= boundary_ratio·T and a low-noise
+            # `transformer_2` below it (WanPipeline.__call__); same blocks, separate CFG and flow as Wan 2.1.
+            family="wan22", pipeline_classes=("WanPipeline",), experts=("transformer_2",), block_lists=("blocks",),
+            cfg_layout="separate", cfg_scale_arg="guidance_scale", prediction="flow", latent_layout="video",
+            extra={"self_attention": ("attn1",)},
+        ),
+        ModelAdapter(
             family="hunyuan_video", pipeline_classes=("HunyuanVideoPipeline",),
             block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
             cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True, guidance_distilled=True,
@@ -228,9 +239,12 @@ def find_adapter(pipe: Any) -> ModelAdapter:
     """
     names = [cls.__name__ for cls in inspect.getmro(type(pipe))]
     for name in names:
-        for adapter in _ADAPTERS.values():
-            if name in adapter.pipeline_classes:
-                return adapter
+        # One pipeline class can hold several layouts (WanPipeline with or without a second expert): the adapter
+        # whose experts are all present and most numerous wins.
+        matches = [a for a in _ADAPTERS.values() if name in a.pipeline_classes
+                   and all(getattr(pipe, e, None) is not None for e in a.experts)]
+        if matches:
+            return max(matches, key=lambda a: len(a.experts))
     supported = ", ".join(f"{a.family} ({'/'.join(a.pipeline_classes[:2])})" for a in _ADAPTERS.values())
     raise ValueError(
         f"No diffusion-accel adapter for {type(pipe).__name__}. Supported families: {supported}. "

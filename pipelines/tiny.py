@@ -158,21 +158,29 @@ def _cogvideox(seed: int):
                              transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
 
 
-def _wan(seed: int):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _wan_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+
+
+def _wan(seed: int, two_experts: bool = False):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
     text_encoder, tokenizer = _umt5(seed)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(),
-                       vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    # Wan 2.2 A14B's boundary 0.875: with 4 steps (t = 1000, 934, 781, 47) the high-noise expert runs steps 0-1 and
+    # the low-noise expert steps 2-3, so both experts run in every test call.
+    extra = {"transformer_2": _wan_transformer(seed + 1), "boundary_ratio": 0.875} if two_experts else {}
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=_wan_transformer(seed),
+                       vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **extra)
 
 
 def _hunyuan_video(seed: int):
@@ -267,6 +275,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "flux": _flux,
     "cogvideox": _cogvideox,
     "wan": _wan,
+    "wan22": lambda seed: _wan(seed, two_experts=True),
     "hunyuan_video": _hunyuan_video,
     "ltx_video": _ltx_video,
     "sd": _sd,
@@ -289,6 +298,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
                   "max_sequence_length": 16},
     "wan": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
             "max_sequence_length": 16},
+    "wan22": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+              "max_sequence_length": 16},
     "hunyuan_video": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                       "max_sequence_length": 16},
     "ltx_video": {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
