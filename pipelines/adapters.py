@@ -190,6 +190,16 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTXPipeline.check_inputs
         ),
         ModelAdapter(
+            # QwenImagePipeline.__call__: true CFG as two passes in cache_context("cond"/"uncond") when
+            # true_cfg_scale > 1 and a negative prompt is given; flow velocity; timestep / 1000; 2x2-packed latents.
+            family="qwen_image", pipeline_classes=("QwenImagePipeline", "QwenImageImg2ImgPipeline"),
+            cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
+            prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"bottleneck": "QwenImage unpacks latents to [B, C, 1, H, W] (a frame axis), which "
+                                               "diffusion_accel.latents.pack does not take back"},
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer
+from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
 
 _TEXT_DIM = 32
 
@@ -250,6 +250,47 @@ def _ltx_video(seed: int):
                        tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _qwen25_vl(seed: int, hidden: int = 16):
+    """A tiny Qwen2.5-VL (text and vision towers) and its tokenizer, as QwenImage and HunyuanVideo 1.5 load them."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": 16, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, **special},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=len(tokenizer), vision_start_token_id=len(tokenizer) - 3,
+        vision_end_token_id=len(tokenizer) - 2, vision_token_id=len(tokenizer) - 1, **special,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
+
+
+def _qwen_image(seed: int):
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    text_encoder, tokenizer = _qwen25_vl(seed)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -279,6 +320,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "hunyuan_video": _hunyuan_video,
     "ltx_video": _ltx_video,
     "sd": _sd,
+    "qwen_image": _qwen_image,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -305,6 +347,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "ltx_video": {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                   "max_sequence_length": 16},
     "sd": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0},
+    "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
+                   "negative_prompt": "blurry", "max_sequence_length": 16},
 }
 
 

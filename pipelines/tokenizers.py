@@ -69,3 +69,42 @@ def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table: printable bytes map to
+    themselves, the others to code points from 256 up)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+#: Words of the system prompts that chat-style text encoders (Qwen) wrap around the user's prompt.
+TEMPLATE_WORDS: tuple[str, ...] = tuple(
+    """describe image video by detailing color shape size texture quantity text spatial relationships objects
+    background system user assistant you are helpful""".split()
+)
+
+
+def build_qwen2_tokenizer(words: Iterable[str] = DEFAULT_WORDS + TEMPLATE_WORDS, model_max_length: int = 1024):
+    """A byte-level BPE ``Qwen2Tokenizer`` (every byte is a token, ``words`` merge to one) with the chat tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab: dict[str, int] = {}
+    for symbol in _byte_symbols():
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        symbols = ["Ġ", *word]  # "Ġ" is the byte-level stand-in for the space before a word
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
