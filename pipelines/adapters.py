@@ -200,6 +200,23 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
+            # Flux2Pipeline.__call__: one forward per step with the guidance scale embedded (guidance-distilled, no
+            # unconditional pass); flow velocity; timestep / 1000; latents packed to [B, H·W, C] tokens. Its
+            # single-stream blocks take text and image concatenated while the dual-stream blocks keep them apart,
+            # so no cached range may span both: methods work on the single-stream blocks (48 of 56 in Flux 2 dev).
+            family="flux2", pipeline_classes=("Flux2Pipeline",), block_lists=("single_transformer_blocks",),
+            cfg_layout="none",
+            guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={
+                "bottleneck": "Flux 2 packs latents with position ids (_unpack_latents_with_ids), not Flux's 2x2 "
+                              "patches that diffusion_accel.latents unpacks",
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache subtracts its dual-stream head block's output pair "
+                           "from the single-stream tail's one tensor (TypeError)",
+                "dbcache": _CACHE_DIT_OUTLIVES_DISABLE,
+            },
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
+from .tokenizers import (
+    build_chat_llama_tokenizer,
+    build_clip_tokenizer,
+    build_llama_tokenizer,
+    build_qwen2_tokenizer,
+    build_t5_tokenizer,
+)
 
 _TEXT_DIM = 32
 
@@ -291,6 +297,40 @@ def _qwen_image(seed: int):
                              tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _flux2(seed: int):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+    )
+    tokenizer = build_chat_llama_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    # One text layer: the call's text_encoder_out_layers=(1,) stacks its output as the 16-wide prompt embedding.
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16,
+                     "intermediate_size": 37, "max_position_embeddings": 512, "num_attention_heads": 4,
+                     "num_hidden_layers": 1, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+                     "rope_theta": 1000000000.0, "sliding_window": None, **ids},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        image_seq_length=4, vision_feature_layer=-1, image_token_index=len(tokenizer) - 1, **ids,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                         tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -321,6 +361,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "ltx_video": _ltx_video,
     "sd": _sd,
     "qwen_image": _qwen_image,
+    "flux2": _flux2,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -347,6 +388,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "ltx_video": {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                   "max_sequence_length": 16},
     "sd": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0},
+    "flux2": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
+              "text_encoder_out_layers": (1,)},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

@@ -71,6 +71,26 @@ def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length
     return tokenizer
 
 
+#: A plain chat template for tokenizers that stand in for a chat model's processor: each message's role, then its
+#: text (a string or a list of ``{"type": "text", "text": ...}`` parts, as Flux 2 passes them).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_chat_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS + ("system", "user", "assistant"),
+                               model_max_length: int = 512):
+    """:func:`build_llama_tokenizer` with :data:`CHAT_TEMPLATE`, for pipelines that call ``apply_chat_template``."""
+    tokenizer = build_llama_tokenizer(words, model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table: printable bytes map to
     themselves, the others to code points from 256 up)."""
