@@ -217,12 +217,45 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
+            # SanaPipeline.__call__: batched CFG on torch.cat([latents] * 2), uncond first; flow velocity
+            # (FlowMatchEuler or DPM-Solver with flow_prediction); timestep * transformer.config.timestep_scale
+            # (1.0 in the released models). Self-attention is ReLU linear attention, so no self_attention entry:
+            # block-sparse softmax attention does not apply.
+            family="sana", pipeline_classes=("SanaPipeline",), prediction="flow",
+            extra={"resolution_multiple": 32},  # 32: SanaPipeline.check_inputs
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
         ),
     ]
 
+
+def _register_block_classes() -> None:
+    """Tell Diffusers' ``TransformerBlockRegistry`` (read by its block caches and ours) where the blocks of our
+    families that Diffusers 0.42 leaves out keep their hidden states. Each returns ``hidden_states`` alone."""
+    import importlib
+
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    single_stream = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+    for module, name in _SINGLE_STREAM_BLOCKS:
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # an older Diffusers without this family
+            continue
+        if cls not in TransformerBlockRegistry._registry:
+            TransformerBlockRegistry.register(cls, single_stream)
+
+
+#: (module, class) of block classes Diffusers 0.42.1's TransformerBlockRegistry lacks.
+_SINGLE_STREAM_BLOCKS: tuple[tuple[str, str], ...] = (
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock"),
+)
+
+_register_block_classes()
 
 _ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in _adapter_list()}
 

@@ -15,6 +15,7 @@ import torch
 from .tokenizers import (
     build_chat_llama_tokenizer,
     build_clip_tokenizer,
+    build_gemma_tokenizer,
     build_llama_tokenizer,
     build_qwen2_tokenizer,
     build_t5_tokenizer,
@@ -331,6 +332,42 @@ def _flux2(seed: int):
                          tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _gemma2(seed: int, hidden: int = 8):
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = build_gemma_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        head_dim=16, hidden_size=hidden, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
+        num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer), attn_implementation="eager",
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return Gemma2Model(config).eval(), tokenizer
+
+
+def _sana(seed: int):
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    text_encoder, tokenizer = _gemma2(seed)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -362,6 +399,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "sd": _sd,
     "qwen_image": _qwen_image,
     "flux2": _flux2,
+    "sana": _sana,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -390,6 +428,9 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0},
     "flux2": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
               "text_encoder_out_layers": (1,)},
+    # complex_human_instruction=None: the default instruction only lengthens the prompt the tiny Gemma reads.
+    "sana": {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
+             "complex_human_instruction": None, "use_resolution_binning": False},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

@@ -91,6 +91,24 @@ def build_chat_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS + ("system",
     return tokenizer
 
 
+def build_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 512):
+    """A ``GemmaTokenizer`` (BPE with the ``▁`` metaspace) over characters and ``words``, with Gemma's specials."""
+    from transformers import GemmaTokenizer
+
+    vocab: dict[str, int] = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5}
+    for c in _CHARS + string.ascii_uppercase + "<>:_\n":
+        vocab.setdefault(c, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        symbols = ["▁", *word]
+        while len(symbols) > 1:
+            if (symbols[0], symbols[1]) not in merges:
+                merges.append((symbols[0], symbols[1]))
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table: printable bytes map to
     themselves, the others to code points from 256 up)."""
