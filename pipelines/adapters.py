@@ -225,6 +225,13 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"resolution_multiple": 32},  # 32: SanaPipeline.check_inputs
         ),
         ModelAdapter(
+            # CogView4Pipeline.__call__: CFG as two passes in cache_context("cond"/"uncond") when guidance_scale > 1
+            # (an empty negative prompt by default); flow velocity; the raw timestep; [B, C, H, W] latents
+            # patchified inside the transformer; text tokens are a separate stream of each block.
+            family="cogview4", pipeline_classes=("CogView4Pipeline",), cfg_layout="separate", prediction="flow",
+            extra={"self_attention": ("attn1",), "joint_text": "prefix"},  # CogView4AttnProcessor: cat([text, image])
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),

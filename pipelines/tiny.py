@@ -368,6 +368,34 @@ def _sana(seed: int):
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
+def _cogview4(seed: int):
+    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+    )
+    # The released scheduler config: dynamic linear time shift around 256 image tokens.
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    tokenizer = build_llama_tokenizer(add_bos=True)
+    torch.manual_seed(seed)
+    text_encoder = GlmForCausalLM(GlmConfig(
+        hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    return CogView4Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
+                            transformer=transformer.eval(), scheduler=scheduler)
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -400,6 +428,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "qwen_image": _qwen_image,
     "flux2": _flux2,
     "sana": _sana,
+    "cogview4": _cogview4,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -431,6 +460,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     # complex_human_instruction=None: the default instruction only lengthens the prompt the tiny Gemma reads.
     "sana": {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
              "complex_human_instruction": None, "use_resolution_binning": False},
+    "cogview4": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                 "max_sequence_length": 16},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

@@ -50,8 +50,11 @@ def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 256):
-    """A ``LlamaTokenizer`` (BPE with the ``▁`` metaspace) over characters and ``words``."""
+def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 256, add_bos: bool = False):
+    """A ``LlamaTokenizer`` (BPE with the ``▁`` metaspace) over characters and ``words``.
+
+    ``add_bos``: start every sequence with ``<s>``, as tokenizers do whose pipelines encode an empty negative prompt
+    (CogView4's GLM tokenizer prefixes its own start tokens)."""
     from transformers import LlamaTokenizer
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
@@ -66,7 +69,7 @@ def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length
                 merges.append((symbols[0], symbols[1]))
             vocab.setdefault(merged, len(vocab))
             symbols = [merged] + symbols[2:]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=add_bos)
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
