@@ -116,6 +116,9 @@ _CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that i
 _CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block forwards in a way that outlives "
                                "disable_cache (Diffusers' FirstBlockCache then fails on the same model)")
 
+_INVERTED_SIGMAS = ("the scheduler runs inverted sigmas (invert_sigmas=True), so its sigmas are 1 - σ of the flow "
+                    "x_t = (1-σ)·x0 + σ·noise this method converts predictions and re-noises with")
+
 
 def _adapter_list() -> list[ModelAdapter]:
     return [
@@ -230,6 +233,15 @@ def _adapter_list() -> list[ModelAdapter]:
             # patchified inside the transformer; text tokens are a separate stream of each block.
             family="cogview4", pipeline_classes=("CogView4Pipeline",), cfg_layout="separate", prediction="flow",
             extra={"self_attention": ("attn1",), "joint_text": "prefix"},  # CogView4AttnProcessor: cat([text, image])
+        ),
+        ModelAdapter(
+            # MochiPipeline.__call__: batched CFG on torch.cat([latents] * 2) in cache_context("cond_uncond"), uncond
+            # first; flow velocity on a scheduler with invert_sigmas=True; the raw timestep; [B, C, F, H, W].
+            family="mochi", pipeline_classes=("MochiPipeline",), prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "adaptive_guidance": _INVERTED_SIGMAS, "linear_ag": _INVERTED_SIGMAS, "bottleneck": _INVERTED_SIGMAS,
+            },
+            extra={"self_attention": ("attn1",), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),

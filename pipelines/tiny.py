@@ -396,6 +396,24 @@ def _cogview4(seed: int):
                             transformer=transformer.eval(), scheduler=scheduler)
 
 
+def _mochi(seed: int):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=_TEXT_DIM, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+                             decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1))
+    text_encoder, tokenizer = _t5(seed)
+    # The released scheduler config runs Mochi's linear-quadratic sigmas inverted.
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=vae.eval(),
+                         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -429,6 +447,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "flux2": _flux2,
     "sana": _sana,
     "cogview4": _cogview4,
+    "mochi": _mochi,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -462,6 +481,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
              "complex_human_instruction": None, "use_resolution_binning": False},
     "cogview4": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
                  "max_sequence_length": 16},
+    "mochi": {"height": 16, "width": 16, "num_frames": 7, "num_inference_steps": 4, "guidance_scale": 4.0,
+              "max_sequence_length": 16},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }
