@@ -119,6 +119,10 @@ _CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block f
 _INVERTED_SIGMAS = ("the scheduler runs inverted sigmas (invert_sigmas=True), so its sigmas are 1 - σ of the flow "
                     "x_t = (1-σ)·x0 + σ·noise this method converts predictions and re-noises with")
 
+_GUIDER_PASSES = ("the pipeline's guider names its CFG passes 'pred_cond'/'pred_uncond' and takes its scale from the "
+                  "guider component, while sessions read CFG from call arguments and 'cond'/'uncond' passes, so this "
+                  "method would key both passes as one (Diffusers' own caches read the names and do apply)")
+
 
 def _adapter_list() -> list[ModelAdapter]:
     return [
@@ -244,6 +248,21 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"self_attention": ("attn1",), "joint_text": "suffix"},
         ),
         ModelAdapter(
+            # HunyuanVideo15Pipeline.__call__: CFG is the pipeline's `guider` component (ClassifierFreeGuidance),
+            # not a call argument; it runs one forward per guider batch in cache_context("pred_cond"/"pred_uncond").
+            # Flow velocity; the raw timestep; [B, C, F, H, W] latents (plus condition channels) and joint attention
+            # with the text after the video tokens.
+            family="hunyuan_video15", pipeline_classes=("HunyuanVideo15Pipeline",), cfg_layout="separate",
+            prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "delta_cache": _GUIDER_PASSES, "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
+                "cfg_cutoff": _GUIDER_PASSES,
+                "sparse_attention": "its attention processor always passes a text-padding mask, which sends every "
+                                    "call to dense attention, so the method would do nothing",
+            },
+            extra={"self_attention": ("attn",), "joint_text": "suffix"},
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
@@ -253,25 +272,27 @@ def _adapter_list() -> list[ModelAdapter]:
 
 def _register_block_classes() -> None:
     """Tell Diffusers' ``TransformerBlockRegistry`` (read by its block caches and ours) where the blocks of our
-    families that Diffusers 0.42 leaves out keep their hidden states. Each returns ``hidden_states`` alone."""
+    families that Diffusers 0.42 leaves out return their hidden states."""
     import importlib
 
     from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
     TransformerBlockRegistry._register()
-    single_stream = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-    for module, name in _SINGLE_STREAM_BLOCKS:
+    for module, name, hidden_index, encoder_index in _UNREGISTERED_BLOCKS:
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # an older Diffusers without this family
             continue
         if cls not in TransformerBlockRegistry._registry:
-            TransformerBlockRegistry.register(cls, single_stream)
+            TransformerBlockRegistry.register(cls, TransformerBlockMetadata(
+                return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index))
 
 
-#: (module, class) of block classes Diffusers 0.42.1's TransformerBlockRegistry lacks.
-_SINGLE_STREAM_BLOCKS: tuple[tuple[str, str], ...] = (
-    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock"),
+#: (module, class, index of hidden_states in its return, index of encoder_hidden_states or None when it returns
+#: hidden_states alone) of block classes Diffusers 0.42.1's TransformerBlockRegistry lacks, read off each forward.
+_UNREGISTERED_BLOCKS: tuple[tuple[str, str, int, int | None], ...] = (
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", 0, None),
+    ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15TransformerBlock", 0, 1),
 )
 
 _register_block_classes()

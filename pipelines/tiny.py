@@ -414,6 +414,50 @@ def _mochi(seed: int):
                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _hunyuan_video15(seed: int):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        text_embed_2_dim=_TEXT_DIM, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=len(tokenizer), rope_theta=1000000.0,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    # The glyph encoder reads bytes: ByT5's tokenizer needs no vocabulary file.
+    text_encoder_2, _ = _t5(seed + 1)
+    tokenizer_2 = ByT5Tokenizer()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+    )
+    # The pipeline pads prompts to 1000 + 256 tokens (attributes, not call arguments); at tiny sizes that padding
+    # would be nearly all of the attention work.
+    pipe.tokenizer_max_length = pipe.tokenizer_2_max_length = 16
+    return pipe
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -448,6 +492,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "sana": _sana,
     "cogview4": _cogview4,
     "mochi": _mochi,
+    "hunyuan_video15": _hunyuan_video15,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -483,6 +528,9 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
                  "max_sequence_length": 16},
     "mochi": {"height": 16, "width": 16, "num_frames": 7, "num_inference_steps": 4, "guidance_scale": 4.0,
               "max_sequence_length": 16},
+    # No guidance_scale: CFG (scale 4) is set on the pipeline's guider component.
+    "hunyuan_video15": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4,
+                        "negative_prompt": "blurry"},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

@@ -128,7 +128,8 @@ TEMPLATE_WORDS: tuple[str, ...] = tuple(
 
 
 def build_qwen2_tokenizer(words: Iterable[str] = DEFAULT_WORDS + TEMPLATE_WORDS, model_max_length: int = 1024):
-    """A byte-level BPE ``Qwen2Tokenizer`` (every byte is a token, ``words`` merge to one) with the chat tokens."""
+    """A byte-level BPE ``Qwen2Tokenizer`` (every byte is a token, ``words`` merge to one) with the chat tokens and
+    :data:`CHAT_TEMPLATE`."""
     from transformers import Qwen2Tokenizer
 
     vocab: dict[str, int] = {}
@@ -148,4 +149,5 @@ def build_qwen2_tokenizer(words: Iterable[str] = DEFAULT_WORDS + TEMPLATE_WORDS,
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE  # Qwen's own template has the same <|im_start|>role ... <|im_end|> shape
     return tokenizer
