@@ -263,6 +263,16 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"self_attention": ("attn",), "joint_text": "suffix"},
         ),
         ModelAdapter(
+            # OvisImagePipeline.__call__: CFG as two passes in cache_context("cond"/"uncond") when guidance_scale > 1
+            # (an empty negative prompt by default); flow velocity; timestep / 1000; Flux's 2x2-packed latents and
+            # Flux-style dual- then single-stream blocks that both take text and image as separate streams.
+            family="ovis_image", pipeline_classes=("OvisImagePipeline",),
+            block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
+            prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"dbcache": _CACHE_DIT_OUTLIVES_DISABLE},
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
@@ -293,6 +303,8 @@ def _register_block_classes() -> None:
 _UNREGISTERED_BLOCKS: tuple[tuple[str, str, int, int | None], ...] = (
     ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", 0, None),
     ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15TransformerBlock", 0, 1),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageTransformerBlock", 1, 0),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageSingleTransformerBlock", 1, 0),
 )
 
 _register_block_classes()

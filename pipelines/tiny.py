@@ -458,6 +458,32 @@ def _hunyuan_video15(seed: int):
     return pipe
 
 
+def _ovis_image(seed: int):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -493,6 +519,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "cogview4": _cogview4,
     "mochi": _mochi,
     "hunyuan_video15": _hunyuan_video15,
+    "ovis_image": _ovis_image,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -531,6 +558,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     # No guidance_scale: CFG (scale 4) is set on the pipeline's guider component.
     "hunyuan_video15": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4,
                         "negative_prompt": "blurry"},
+    "ovis_image": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                   "max_sequence_length": 16},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

@@ -13,7 +13,8 @@ from diffusion_accel.testing import FAMILIES, tiny_pipeline
 
 def test_families_cover_the_issue_list():
     expected = {"dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "cogvideox", "wan", "hunyuan_video",
-                "ltx_video", "sd", "wan22", "qwen_image", "flux2", "sana", "cogview4", "mochi", "hunyuan_video15"}
+                "ltx_video", "sd", "wan22", "qwen_image", "flux2", "sana", "cogview4", "mochi", "hunyuan_video15",
+                "ovis_image"}
     assert expected <= set(FAMILIES)
 
 
