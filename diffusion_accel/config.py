@@ -29,7 +29,8 @@ class MethodConfig:
     """
 
     name: ClassVar[str] = ""
-    #: Families this method supports; ``None`` means every family with a transformer block list.
+    #: Families this method supports; ``None`` means every family with a transformer block list. Built-in methods
+    #: derive it from adapter facts (``pipelines.adapters.families_where``) rather than listing names.
     families: ClassVar[tuple[str, ...] | None] = None
     #: One line for ``list-methods`` and the README table.
     summary: ClassVar[str] = ""
@@ -45,6 +46,9 @@ class MethodConfig:
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
         """Why this method cannot run on ``pipe`` (``None`` if it can). Must not modify the pipeline."""
+        why = self.unsupported_reason(adapter)
+        if why:
+            return why
         if self.families is not None and adapter.family not in self.families:
             return f"{self.name} supports the families {', '.join(self.families)}, not {adapter.family}"
         if self.families is None and not adapter.block_lists:
@@ -53,6 +57,12 @@ class MethodConfig:
             lists = ", ".join(adapter.block_lists)
             return f"{self.name} needs transformer blocks and this {adapter.denoiser}'s {lists} is empty"
         return None
+
+    def unsupported_reason(self, adapter: ModelAdapter) -> str | None:
+        """The adapter's own word that this method cannot run on its family (``unsupported_methods``); overrides
+        of :meth:`not_applicable_reason` that do not call the base must check it first."""
+        why = adapter.unsupported_methods.get(self.name)
+        return f"{self.name} does not run on {adapter.family}: {why}" if why else None
 
     def build(self) -> Method:
         raise NotImplementedError(f"{type(self).__name__}.build is not implemented")

@@ -9,7 +9,7 @@ caches. Adding a model is one :class:`ModelAdapter` entry (see the README sectio
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +30,9 @@ class ModelAdapter:
         family: short family name (``"pixart_alpha"``, ``"flux"``, ...).
         pipeline_classes: Diffusers pipeline class names this adapter covers.
         denoiser: attribute of the pipeline holding the denoiser (``"transformer"`` or ``"unet"``).
+        experts: further denoiser attributes the pipeline switches to within a call (Wan 2.2's low-noise
+            ``transformer_2``). The adapter only matches pipelines where they are all set. Methods attach to
+            ``denoiser`` alone for now: steps run by another expert are not accelerated.
         block_lists: attribute names of the denoiser's ``ModuleList`` s of transformer blocks, in execution order.
             Flux's dual- and single-stream lists form one ordered range. Empty for UNets.
         cfg_layout: how the pipeline evaluates CFG: ``"batched"`` (one forward on a concatenated batch),
@@ -43,6 +46,8 @@ class ModelAdapter:
         timestep_scale: the pipeline passes ``timestep / timestep_scale`` to the denoiser (Flux: 1000).
         latent_layout: ``image`` ``[B,C,H,W]``, ``packed_image`` ``[B,L,C·p²]``, ``video`` ``[B,C,F,H,W]`` or
             ``packed_video`` ``[B,L,C]``.
+        unsupported_methods: method name -> why that method cannot run on this family (an upstream bug, a layout the
+            method cannot read). Methods are otherwise offered wherever their adapter predicate holds.
         extra: optional facts used by some methods: ``self_attention`` (attribute names of a block's
             self-attention modules), ``joint_text`` (``"prefix"``/``"suffix"``: where joint attention puts the text
             tokens), ``frames_first`` (video latents are ``[B,F,C,H,W]``), ``resolution_multiple``.
@@ -51,6 +56,7 @@ class ModelAdapter:
     family: str
     pipeline_classes: tuple[str, ...]
     denoiser: str = "transformer"
+    experts: tuple[str, ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)
     cfg_layout: CfgLayout = "batched"
     cfg_scale_arg: str = "guidance_scale"
@@ -61,8 +67,23 @@ class ModelAdapter:
     learned_sigma: bool = False
     timestep_scale: float = 1.0
     latent_layout: LatentLayout = "image"
-    video: bool = False
+    unsupported_methods: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def video(self) -> bool:
+        return self.latent_layout in ("video", "packed_video")
+
+    @property
+    def tensor_format(self) -> str | None:
+        """Diffusers' name of the denoiser's output layout (``"BCHW"``, ``"BCFHW"``, ``"BFCHW"``); ``None`` for
+        packed token sequences, which have no spatial axes to filter."""
+        if self.latent_layout == "image":
+            return "BCHW"
+        if self.latent_layout == "video":
+            return "BFCHW" if self.extra.get("frames_first") else "BCFHW"
+        return None
 
     # ------------------------------------------------------------------ queries on a live pipeline
     def get_denoiser(self, pipe: Any) -> torch.nn.Module:
@@ -90,10 +111,24 @@ class ModelAdapter:
         return self.cfg_layout
 
 
+# Reasons shared by several families (tests/test_families.py runs every method the adapters allow).
+_CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that its disable_cache leaves behind"
+_CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block forwards in a way that outlives "
+                               "disable_cache (Diffusers' FirstBlockCache then fails on the same model)")
+
+_INVERTED_SIGMAS = ("the scheduler runs inverted sigmas (invert_sigmas=True), so its sigmas are 1 - σ of the flow "
+                    "x_t = (1-σ)·x0 + σ·noise this method converts predictions and re-noises with")
+
+_GUIDER_PASSES = ("the pipeline's guider names its CFG passes 'pred_cond'/'pred_uncond' and takes its scale from the "
+                  "guider component, while sessions read CFG from call arguments and 'cond'/'uncond' passes, so this "
+                  "method would key both passes as one (Diffusers' own caches read the names and do apply)")
+
+
 def _adapter_list() -> list[ModelAdapter]:
     return [
         ModelAdapter(
             family="dit", pipeline_classes=("DiTPipeline",), uncond_first=False, learned_sigma=True,
+            unsupported_methods={"dbcache": _CACHE_DIT_LEAVES_MODULES},
             extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
@@ -108,7 +143,15 @@ def _adapter_list() -> list[ModelAdapter]:
             family="sd3",
             pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                               "StableDiffusion3InpaintPipeline"),
-            prediction="flow", extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
+            prediction="flow",
+            unsupported_methods={
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache subtracts the None encoder states of SD3's "
+                           "context_pre_only last block (TypeError)",
+                "fastercache": "Diffusers 0.42.1's FasterCache returns a batch of the wrong size on SD3 "
+                               "(2 images for 1)",
+                "dbcache": "cache-dit 1.5.3's transformer-only mode does not support SD3",
+            },
+            extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="flux",
@@ -117,28 +160,117 @@ def _adapter_list() -> list[ModelAdapter]:
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
             guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"dbcache": _CACHE_DIT_OUTLIVES_DISABLE},
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="cogvideox", pipeline_classes=("CogVideoXPipeline",), prediction="v_prediction",
-            latent_layout="video", video=True,
+            latent_layout="video",
             extra={"frames_first": True, "self_attention": ("attn1",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="wan", pipeline_classes=("WanPipeline",), block_lists=("blocks",), cfg_layout="separate",
-            prediction="flow", latent_layout="video", video=True, extra={"self_attention": ("attn1",)},
+            prediction="flow", latent_layout="video", extra={"self_attention": ("attn1",)},
+        ),
+        ModelAdapter(
+            # Wan 2.2 A14B: WanPipeline with a high-noise `transformer` for t >= boundary_ratio·T and a low-noise
+            # `transformer_2` below it (WanPipeline.__call__); same blocks, separate CFG and flow as Wan 2.1.
+            family="wan22", pipeline_classes=("WanPipeline",), experts=("transformer_2",), block_lists=("blocks",),
+            cfg_layout="separate", cfg_scale_arg="guidance_scale", prediction="flow", latent_layout="video",
+            extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="hunyuan_video", pipeline_classes=("HunyuanVideoPipeline",),
             block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
             cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True, guidance_distilled=True,
-            prediction="flow", latent_layout="video", video=True,
+            prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "dbcache": _CACHE_DIT_OUTLIVES_DISABLE,
+                "sparse_attention": "its attention processor always passes a text-padding mask, which sends "
+                                    "every call to dense attention, so the method would do nothing",
+            },
             extra={"self_attention": ("attn",), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="ltx_video", pipeline_classes=("LTXPipeline",), prediction="flow",
-            latent_layout="packed_video", video=True,
+            latent_layout="packed_video",
             extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTXPipeline.check_inputs
+        ),
+        ModelAdapter(
+            # QwenImagePipeline.__call__: true CFG as two passes in cache_context("cond"/"uncond") when
+            # true_cfg_scale > 1 and a negative prompt is given; flow velocity; timestep / 1000; 2x2-packed latents.
+            family="qwen_image", pipeline_classes=("QwenImagePipeline", "QwenImageImg2ImgPipeline"),
+            cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
+            prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"bottleneck": "QwenImage unpacks latents to [B, C, 1, H, W] (a frame axis), which "
+                                               "diffusion_accel.latents.pack does not take back"},
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
+            # Flux2Pipeline.__call__: one forward per step with the guidance scale embedded (guidance-distilled, no
+            # unconditional pass); flow velocity; timestep / 1000; latents packed to [B, H·W, C] tokens. Its
+            # single-stream blocks take text and image concatenated while the dual-stream blocks keep them apart,
+            # so no cached range may span both: methods work on the single-stream blocks (48 of 56 in Flux 2 dev).
+            family="flux2", pipeline_classes=("Flux2Pipeline",), block_lists=("single_transformer_blocks",),
+            cfg_layout="none",
+            guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={
+                "bottleneck": "Flux 2 packs latents with position ids (_unpack_latents_with_ids), not Flux's 2x2 "
+                              "patches that diffusion_accel.latents unpacks",
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache subtracts its dual-stream head block's output pair "
+                           "from the single-stream tail's one tensor (TypeError)",
+                "dbcache": _CACHE_DIT_OUTLIVES_DISABLE,
+            },
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
+            # SanaPipeline.__call__: batched CFG on torch.cat([latents] * 2), uncond first; flow velocity
+            # (FlowMatchEuler or DPM-Solver with flow_prediction); timestep * transformer.config.timestep_scale
+            # (1.0 in the released models). Self-attention is ReLU linear attention, so no self_attention entry:
+            # block-sparse softmax attention does not apply.
+            family="sana", pipeline_classes=("SanaPipeline",), prediction="flow",
+            extra={"resolution_multiple": 32},  # 32: SanaPipeline.check_inputs
+        ),
+        ModelAdapter(
+            # CogView4Pipeline.__call__: CFG as two passes in cache_context("cond"/"uncond") when guidance_scale > 1
+            # (an empty negative prompt by default); flow velocity; the raw timestep; [B, C, H, W] latents
+            # patchified inside the transformer; text tokens are a separate stream of each block.
+            family="cogview4", pipeline_classes=("CogView4Pipeline",), cfg_layout="separate", prediction="flow",
+            extra={"self_attention": ("attn1",), "joint_text": "prefix"},  # CogView4AttnProcessor: cat([text, image])
+        ),
+        ModelAdapter(
+            # MochiPipeline.__call__: batched CFG on torch.cat([latents] * 2) in cache_context("cond_uncond"), uncond
+            # first; flow velocity on a scheduler with invert_sigmas=True; the raw timestep; [B, C, F, H, W].
+            family="mochi", pipeline_classes=("MochiPipeline",), prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "adaptive_guidance": _INVERTED_SIGMAS, "linear_ag": _INVERTED_SIGMAS, "bottleneck": _INVERTED_SIGMAS,
+            },
+            extra={"self_attention": ("attn1",), "joint_text": "suffix"},
+        ),
+        ModelAdapter(
+            # HunyuanVideo15Pipeline.__call__: CFG is the pipeline's `guider` component (ClassifierFreeGuidance),
+            # not a call argument; it runs one forward per guider batch in cache_context("pred_cond"/"pred_uncond").
+            # Flow velocity; the raw timestep; [B, C, F, H, W] latents (plus condition channels) and joint attention
+            # with the text after the video tokens.
+            family="hunyuan_video15", pipeline_classes=("HunyuanVideo15Pipeline",), cfg_layout="separate",
+            prediction="flow", latent_layout="video",
+            unsupported_methods={
+                "delta_cache": _GUIDER_PASSES, "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
+                "cfg_cutoff": _GUIDER_PASSES,
+                "sparse_attention": "its attention processor always passes a text-padding mask, which sends every "
+                                    "call to dense attention, so the method would do nothing",
+            },
+            extra={"self_attention": ("attn",), "joint_text": "suffix"},
+        ),
+        ModelAdapter(
+            # OvisImagePipeline.__call__: CFG as two passes in cache_context("cond"/"uncond") when guidance_scale > 1
+            # (an empty negative prompt by default); flow velocity; timestep / 1000; Flux's 2x2-packed latents and
+            # Flux-style dual- then single-stream blocks that both take text and image as separate streams.
+            family="ovis_image", pipeline_classes=("OvisImagePipeline",),
+            block_lists=("transformer_blocks", "single_transformer_blocks"), cfg_layout="separate",
+            prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={"dbcache": _CACHE_DIT_OUTLIVES_DISABLE},
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
@@ -148,7 +280,53 @@ def _adapter_list() -> list[ModelAdapter]:
     ]
 
 
+def _register_block_classes() -> None:
+    """Tell Diffusers' ``TransformerBlockRegistry`` (read by its block caches and ours) where the blocks of our
+    families that Diffusers 0.42 leaves out return their hidden states."""
+    import importlib
+
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    for module, name, hidden_index, encoder_index in _UNREGISTERED_BLOCKS:
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # an older Diffusers without this family
+            continue
+        if cls not in TransformerBlockRegistry._registry:
+            TransformerBlockRegistry.register(cls, TransformerBlockMetadata(
+                return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index))
+
+
+#: (module, class, index of hidden_states in its return, index of encoder_hidden_states or None when it returns
+#: hidden_states alone) of block classes Diffusers 0.42.1's TransformerBlockRegistry lacks, read off each forward.
+_UNREGISTERED_BLOCKS: tuple[tuple[str, str, int, int | None], ...] = (
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", 0, None),
+    ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15TransformerBlock", 0, 1),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageTransformerBlock", 1, 0),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageSingleTransformerBlock", 1, 0),
+)
+
+_register_block_classes()
+
 _ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in _adapter_list()}
+
+
+class families_where:  # noqa: N801  (used like a value: ``families = families_where(...)``)
+    """A method's ``families``, derived from the adapters instead of listed by name.
+
+    Read on the config class, it is the tuple of registered families whose adapter satisfies ``predicate`` and does
+    not name the method in ``unsupported_methods``, so a newly registered family gets every method its facts allow.
+    """
+
+    def __init__(self, predicate: Callable[[ModelAdapter], bool], description: str = "") -> None:
+        self.predicate = predicate
+        self.description = description
+
+    def __get__(self, instance: Any, owner: type | None = None) -> tuple[str, ...]:
+        method = getattr(owner if owner is not None else type(instance), "name", "")
+        return tuple(a.family for a in _ADAPTERS.values()
+                     if self.predicate(a) and method not in a.unsupported_methods)
 
 
 def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> ModelAdapter:
@@ -173,9 +351,12 @@ def find_adapter(pipe: Any) -> ModelAdapter:
     """
     names = [cls.__name__ for cls in inspect.getmro(type(pipe))]
     for name in names:
-        for adapter in _ADAPTERS.values():
-            if name in adapter.pipeline_classes:
-                return adapter
+        # One pipeline class can hold several layouts (WanPipeline with or without a second expert): the adapter
+        # whose experts are all present and most numerous wins.
+        matches = [a for a in _ADAPTERS.values() if name in a.pipeline_classes
+                   and all(getattr(pipe, e, None) is not None for e in a.experts)]
+        if matches:
+            return max(matches, key=lambda a: len(a.experts))
     supported = ", ".join(f"{a.family} ({'/'.join(a.pipeline_classes[:2])})" for a in _ADAPTERS.values())
     raise ValueError(
         f"No diffusion-accel adapter for {type(pipe).__name__}. Supported families: {supported}. "

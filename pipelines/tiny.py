@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer
+from .tokenizers import (
+    build_chat_llama_tokenizer,
+    build_clip_tokenizer,
+    build_gemma_tokenizer,
+    build_llama_tokenizer,
+    build_qwen2_tokenizer,
+    build_t5_tokenizer,
+)
 
 _TEXT_DIM = 32
 
@@ -158,21 +165,29 @@ def _cogvideox(seed: int):
                              transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
 
 
-def _wan(seed: int):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _wan_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+
+
+def _wan(seed: int, two_experts: bool = False):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
     text_encoder, tokenizer = _umt5(seed)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(),
-                       vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    # Wan 2.2 A14B's boundary 0.875: with 4 steps (t = 1000, 934, 781, 47) the high-noise expert runs steps 0-1 and
+    # the low-noise expert steps 2-3, so both experts run in every test call.
+    extra = {"transformer_2": _wan_transformer(seed + 1), "boundary_ratio": 0.875} if two_experts else {}
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=_wan_transformer(seed),
+                       vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **extra)
 
 
 def _hunyuan_video(seed: int):
@@ -242,6 +257,233 @@ def _ltx_video(seed: int):
                        tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _qwen25_vl(seed: int, hidden: int = 16):
+    """A tiny Qwen2.5-VL (text and vision towers) and its tokenizer, as QwenImage and HunyuanVideo 1.5 load them."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": 16, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, **special},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=len(tokenizer), vision_start_token_id=len(tokenizer) - 3,
+        vision_end_token_id=len(tokenizer) - 2, vision_token_id=len(tokenizer) - 1, **special,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
+
+
+def _qwen_image(seed: int):
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    text_encoder, tokenizer = _qwen25_vl(seed)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _flux2(seed: int):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+    )
+    tokenizer = build_chat_llama_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    # One text layer: the call's text_encoder_out_layers=(1,) stacks its output as the 16-wide prompt embedding.
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16,
+                     "intermediate_size": 37, "max_position_embeddings": 512, "num_attention_heads": 4,
+                     "num_hidden_layers": 1, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+                     "rope_theta": 1000000000.0, "sliding_window": None, **ids},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        image_seq_length=4, vision_feature_layer=-1, image_token_index=len(tokenizer) - 1, **ids,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                         tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _gemma2(seed: int, hidden: int = 8):
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = build_gemma_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        head_dim=16, hidden_size=hidden, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
+        num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer), attn_implementation="eager",
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return Gemma2Model(config).eval(), tokenizer
+
+
+def _sana(seed: int):
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    text_encoder, tokenizer = _gemma2(seed)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _cogview4(seed: int):
+    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+    )
+    # The released scheduler config: dynamic linear time shift around 256 image tokens.
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    tokenizer = build_llama_tokenizer(add_bos=True)
+    torch.manual_seed(seed)
+    text_encoder = GlmForCausalLM(GlmConfig(
+        hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    return CogView4Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
+                            transformer=transformer.eval(), scheduler=scheduler)
+
+
+def _mochi(seed: int):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=_TEXT_DIM, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+                             decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1))
+    text_encoder, tokenizer = _t5(seed)
+    # The released scheduler config runs Mochi's linear-quadratic sigmas inverted.
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=vae.eval(),
+                         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _hunyuan_video15(seed: int):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        text_embed_2_dim=_TEXT_DIM, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=len(tokenizer), rope_theta=1000000.0,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    # The glyph encoder reads bytes: ByT5's tokenizer needs no vocabulary file.
+    text_encoder_2, _ = _t5(seed + 1)
+    tokenizer_2 = ByT5Tokenizer()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+    )
+    # The pipeline pads prompts to 1000 + 256 tokens (attributes, not call arguments); at tiny sizes that padding
+    # would be nearly all of the attention work.
+    pipe.tokenizer_max_length = pipe.tokenizer_2_max_length = 16
+    return pipe
+
+
+def _ovis_image(seed: int):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -267,9 +509,17 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "flux": _flux,
     "cogvideox": _cogvideox,
     "wan": _wan,
+    "wan22": lambda seed: _wan(seed, two_experts=True),
     "hunyuan_video": _hunyuan_video,
     "ltx_video": _ltx_video,
     "sd": _sd,
+    "qwen_image": _qwen_image,
+    "flux2": _flux2,
+    "sana": _sana,
+    "cogview4": _cogview4,
+    "mochi": _mochi,
+    "hunyuan_video15": _hunyuan_video15,
+    "ovis_image": _ovis_image,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -289,11 +539,29 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
                   "max_sequence_length": 16},
     "wan": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
             "max_sequence_length": 16},
+    "wan22": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
+              "max_sequence_length": 16},
     "hunyuan_video": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                       "max_sequence_length": 16},
     "ltx_video": {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                   "max_sequence_length": 16},
     "sd": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0},
+    "flux2": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
+              "text_encoder_out_layers": (1,)},
+    # complex_human_instruction=None: the default instruction only lengthens the prompt the tiny Gemma reads.
+    "sana": {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16,
+             "complex_human_instruction": None, "use_resolution_binning": False},
+    "cogview4": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                 "max_sequence_length": 16},
+    "mochi": {"height": 16, "width": 16, "num_frames": 7, "num_inference_steps": 4, "guidance_scale": 4.0,
+              "max_sequence_length": 16},
+    # No guidance_scale: CFG (scale 4) is set on the pipeline's guider component.
+    "hunyuan_video15": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4,
+                        "negative_prompt": "blurry"},
+    "ovis_image": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                   "max_sequence_length": 16},
+    "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
+                   "negative_prompt": "blurry", "max_sequence_length": 16},
 }
 
 

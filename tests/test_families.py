@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import fingerprint, run_pipe
+from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
 from diffusion_accel.testing import FAMILIES, tiny_pipeline
@@ -12,7 +13,8 @@ from diffusion_accel.testing import FAMILIES, tiny_pipeline
 
 def test_families_cover_the_issue_list():
     expected = {"dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "cogvideox", "wan", "hunyuan_video",
-                "ltx_video", "sd"}
+                "ltx_video", "sd", "wan22", "qwen_image", "flux2", "sana", "cogview4", "mochi", "hunyuan_video15",
+                "ovis_image"}
     assert expected <= set(FAMILIES)
 
 
@@ -22,15 +24,20 @@ def test_every_applicable_method_is_reversible(family):
     baseline = run_pipe(pipe, family)
     before = fingerprint(pipe)  # after one call: pipelines set their own attributes (_guidance_scale, ...)
     assert torch.isfinite(baseline).all()
+    # Methods attach to the adapter's denoiser only: with a second expert (Wan 2.2) the steps it runs go untouched
+    # and uncounted, so only some of the 4 steps are seen (test_state_follows_the_expert_switch).
+    single_expert = not find_adapter(pipe).experts
     methods = da.list_methods(pipe)
-    if family != "sd":
-        assert {"delta_cache", "magcache", "taylorseer"} <= set(methods)
+    if family != "sd":  # less only what the family's adapter refuses, with its reason
+        unsupported = set(find_adapter(pipe).unsupported_methods)
+        assert {"delta_cache", "magcache", "taylorseer"} - unsupported <= set(methods)
     for name in [None, *methods]:
         handle = da.apply(pipe) if name is None else da.apply(pipe, name)
         out = run_pipe(pipe, family)
         assert out.shape == baseline.shape and torch.isfinite(out).all(), name
         stats = da.stats(pipe)
-        assert stats["nfe"] >= 1 and stats["num_steps"] == 4, (name, stats["num_steps"])
+        assert stats["nfe"] >= 1, name
+        assert stats["num_steps"] == 4 if single_expert else 0 < stats["num_steps"] < 4, (name, stats["num_steps"])
         handle.remove()
         assert fingerprint(pipe) == before, name
         again = run_pipe(pipe, family)
@@ -47,3 +54,14 @@ def test_methods_actually_change_work(family):
     assert stats["blocks_run"] < stats["blocks_total"]
     skipped_steps = [s for s in stats["steps"] if s["blocks_skipped"]]
     assert skipped_steps and all(s["step"] % 2 == 1 for s in skipped_steps)
+
+
+@pytest.mark.xfail(strict=True, reason="the engine hooks one denoiser per pipeline; Wan 2.2's transformer_2 steps "
+                                       "run unaccelerated until sessions attach to every expert")
+def test_state_follows_the_expert_switch():
+    pipe = tiny_pipeline("wan22")
+    with da.accelerated(pipe, "delta_cache"):
+        run_pipe(pipe, "wan22")
+        stats = da.stats(pipe)
+    assert stats["num_steps"] == 4
+    assert [s["step"] for s in stats["steps"]] == [0, 1, 2, 3]

@@ -84,8 +84,8 @@ class AdaptiveGuidanceConfig(MethodConfig):
             raise ValueError(f"adaptive_guidance min_step must be >= 0, got {self.min_step}.")
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
-        return guidance_not_applicable_reason(adapter, pipe) or prediction_not_convertible_reason(self.name, adapter,
-                                                                                                  pipe)
+        return (self.unsupported_reason(adapter) or guidance_not_applicable_reason(adapter, pipe)
+                or prediction_not_convertible_reason(self.name, adapter, pipe))
 
     def build(self) -> Method:
         return AdaptiveGuidanceMethod(self)
@@ -299,7 +299,7 @@ class CFGCutoffConfig(MethodConfig):
             raise ValueError(f"cfg_cutoff cutoff_step_index must be >= 0, got {self.cutoff_step_index}.")
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
-        return guidance_not_applicable_reason(adapter, pipe)
+        return self.unsupported_reason(adapter) or guidance_not_applicable_reason(adapter, pipe)
 
     def build(self) -> Method:
         return CFGCutoffMethod(self)

@@ -28,12 +28,12 @@ import torch
 from ..config import MethodConfig, register_method
 from ..latents import RESIZE_FILTERS, pack, resize_spatial, spatial_factor, unpack
 from ..method import Method
+from ..pipelines.adapters import families_where
 
 if TYPE_CHECKING:
     from ..pipelines.adapters import ModelAdapter
     from ..session import AccelSession
 
-FLOW_FAMILIES = ("flux", "sd3", "wan", "hunyuan_video", "ltx_video")
 #: The "literal paper schedule": 4 + 13 + 8 of 25 steps, re-noise strengths 1.0 / 0.8 / 0.6.
 DEFAULT_STEP_FRACTIONS = (4 / 25, 13 / 25, 8 / 25)
 
@@ -55,7 +55,8 @@ class BottleneckConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "bottleneck"
-    families: ClassVar[tuple[str, ...] | None] = FLOW_FAMILIES
+    # Re-noising to σ_s as (1-σ)·x0 + σ·noise is the flow-matching forward process.
+    families: ClassVar[tuple[str, ...] | None] = families_where(lambda a: a.prediction == "flow")
     summary: ClassVar[str] = "Bottleneck Sampling: high -> low -> high resolution stages with re-noising"
     scales: tuple[float, ...] = (1.0, 0.5, 1.0)
     steps: tuple[int, ...] | None = None

@@ -18,16 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import MethodConfig, register_method
 from ..method import Method
+from ..pipelines.adapters import families_where
 
 if TYPE_CHECKING:
     from ..pipelines.adapters import ModelAdapter
     from ..session import AccelSession
 
-# Families where cache-dit 1.5.3's transformer-only mode applies *and* disable_cache restores the model exactly.
-# Left out: SD3 (transformer-only mode unsupported), DiT (its patch functor adds modules that disable_cache leaves),
-# Flux and HunyuanVideo (their patch functors rewrite block forwards in a way that outlives disable_cache: Diffusers'
-# FirstBlockCache then fails on the same model; see tests/test_families.py).
-_CACHE_DIT_FAMILIES = ("pixart_alpha", "pixart_sigma", "cogvideox", "wan", "ltx_video")
 
 
 @register_method
@@ -44,7 +40,9 @@ class DBCacheConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "dbcache"
-    families: ClassVar[tuple[str, ...] | None] = _CACHE_DIT_FAMILIES
+    # Families where cache-dit's transformer-only mode fails or disable_cache does not restore the model exactly
+    # say so in their adapter's ``unsupported_methods`` (tests/test_families.py checks the rest round-trip).
+    families: ClassVar[tuple[str, ...] | None] = families_where(lambda a: bool(a.block_lists))
     summary: ClassVar[str] = "cache-dit DBCache (peer; needs the [peers] extra)"
     exclusive_group: ClassVar[str] = "diffusers_cache"
     shares_denoiser: ClassVar[bool] = False

@@ -20,13 +20,11 @@ import torch
 
 from ..config import MethodConfig, register_method
 from ..method import Method
+from ..pipelines.adapters import families_where
 
 if TYPE_CHECKING:
     from ..pipelines.adapters import ModelAdapter
     from ..session import AccelSession
-
-_TRANSFORMER_FAMILIES = ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "cogvideox", "wan",
-                         "hunyuan_video", "ltx_video")
 
 
 def _diffusers_cache_table() -> dict[type, tuple[Any, tuple[str, ...]]]:
@@ -178,7 +176,7 @@ def diffusers_cache_clash_reason(adapter: ModelAdapter, pipe: Any) -> str | None
 
 @dataclass
 class _DiffusersCacheConfig(MethodConfig):
-    families: ClassVar[tuple[str, ...] | None] = _TRANSFORMER_FAMILIES
+    families: ClassVar[tuple[str, ...] | None] = families_where(lambda a: bool(a.block_lists))
     exclusive_group: ClassVar[str] = "diffusers_cache"
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
@@ -198,9 +196,6 @@ class FirstBlockCache(_DiffusersCacheConfig):
     """Diffusers' FirstBlockCache: skip all blocks after the first when its residual barely changed."""
 
     name: ClassVar[str] = "fbcache"
-    # Diffusers 0.42.1's FirstBlockCache subtracts SD3's `None` encoder states from its context_pre_only last
-    # block (TypeError), so SD3 is left out until that is fixed upstream.
-    families: ClassVar[tuple[str, ...] | None] = tuple(f for f in _TRANSFORMER_FAMILIES if f != "sd3")
     summary: ClassVar[str] = "Diffusers FirstBlockCache (peer): reuse the tail residual when block 0 barely changes"
     threshold: float = 0.05
 
@@ -360,9 +355,11 @@ class PyramidAttentionBroadcast(_DiffusersCacheConfig):
         )
 
 
-# FasterCache splits the batch as [uncond, cond]: DiT (cond first) and separate-pass pipelines are left out, and
-# on SD3 Diffusers 0.42.1's FasterCache returns a batch of the wrong size (2 images for 1; tests/test_families.py).
-_TENSOR_FORMAT = {"cogvideox": "BFCHW", "pixart_alpha": "BCHW", "pixart_sigma": "BCHW"}
+def _fastercache_fits(adapter: ModelAdapter) -> bool:
+    """FasterCache splits one batched CFG forward as [uncond, cond] and filters the output's spatial frequencies:
+    it needs that batch order and latents with spatial axes (not packed tokens)."""
+    return (bool(adapter.block_lists) and adapter.cfg_layout == "batched" and adapter.uncond_first
+            and adapter.tensor_format is not None)
 
 
 @register_method
@@ -371,7 +368,7 @@ class FasterCache(_DiffusersCacheConfig):
     """Diffusers' FasterCache: reuse attention outputs and the unconditional batch half (batched CFG only)."""
 
     name: ClassVar[str] = "fastercache"
-    families: ClassVar[tuple[str, ...] | None] = tuple(_TENSOR_FORMAT)
+    families: ClassVar[tuple[str, ...] | None] = families_where(_fastercache_fits)
     summary: ClassVar[str] = "Diffusers FasterCache (peer): attention reuse + frequency-corrected CFG cache"
     spatial_attention_block_skip_range: int = 2
     unconditional_batch_skip_range: int = 5
@@ -389,7 +386,7 @@ class FasterCache(_DiffusersCacheConfig):
         return FasterCacheConfig(
             spatial_attention_block_skip_range=self.spatial_attention_block_skip_range,
             unconditional_batch_skip_range=self.unconditional_batch_skip_range,
-            tensor_format=_TENSOR_FORMAT[session.adapter.family],
+            tensor_format=session.adapter.tensor_format,
             is_guidance_distilled=False,
             current_timestep_callback=lambda: session.context.timestep,
             attention_weight_callback=lambda _module: 0.5,

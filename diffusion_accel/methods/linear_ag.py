@@ -132,7 +132,7 @@ class LinearAGConfig(MethodConfig):
                              f"got {self.linear_every}.")
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
-        reason = guidance_not_applicable_reason(adapter, pipe)
+        reason = self.unsupported_reason(adapter) or guidance_not_applicable_reason(adapter, pipe)
         if reason is None and self.coefficients is None:
             return ("linear_ag needs fitted coefficients: run `diffusion-accel calibrate linear_ag --pipeline P` "
                     "and pass coefficients=<name or path>")

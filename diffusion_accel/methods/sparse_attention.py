@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import MethodConfig, register_method
 from ..method import Method
+from ..pipelines.adapters import families_where
 
 if TYPE_CHECKING:
     from ..pipelines.adapters import ModelAdapter
@@ -58,10 +59,8 @@ class SparseAttentionConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "sparse_attention"
-    # HunyuanVideo is left out: its processor always passes a text-padding attention mask, which our route sends
-    # to dense attention, so the method would do nothing there.
-    families: ClassVar[tuple[str, ...] | None] = ("wan", "cogvideox", "ltx_video", "flux", "sd3", "pixart_alpha",
-                                                  "pixart_sigma", "dit")
+    families: ClassVar[tuple[str, ...] | None] = families_where(
+        lambda a: bool(a.block_lists) and bool(a.extra.get("self_attention")))
     summary: ClassVar[str] = "Block-sparse self-attention (Video-BLADE ASA, sliding tile, top-k) via our kernels"
     mask: str = "asa"
     block_size: int = 128
