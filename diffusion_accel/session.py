@@ -32,6 +32,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 
+from . import compile as _compile
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
@@ -200,6 +201,9 @@ class AccelSession:
         self._timestep_position: int | None = None
         self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
         self._gated: set[int] = set()
+        self._hoisted: dict[int, _compile.HoistedRegion] = {}
+        self._dynamo = _compile.DynamoCounter()
+        self.compile_totals = {"frames_compiled": 0, "recompiles": 0, "graph_breaks": 0}
         self.attached = False
 
     # ------------------------------------------------------------------ properties
@@ -290,6 +294,10 @@ class AccelSession:
         self._take_snapshot()
         _SESSIONS.setdefault(self.denoiser, []).append(self)
         try:
+            self._keep_hooks_eager()
+            if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
+                denoiser = self.denoiser
+                self._undo.append(lambda: denoiser.__dict__.pop("_repeated_blocks", None))
             for index, block in enumerate(self.blocks):
                 self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
             for method in sorted(self.methods, key=lambda m: -m.priority):
@@ -330,6 +338,32 @@ class AccelSession:
         if errors:
             raise errors[0]
 
+    # ------------------------------------------------------------------ torch.compile
+    def _keep_hooks_eager(self) -> None:
+        """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
+        names = {__name__, "diffusion_accel.stats", "diffusion_accel.context", "diffusion_accel.blocks",
+                 "diffusion_accel.row_store"}
+        names.update(type(method).__module__ for method in self.methods)
+        for name in sorted(names):
+            _compile.mark_eager(name)
+
+    def _hoist_compiled_regions(self) -> None:
+        """Move regions compiled since the last call (``compile_repeated_blocks`` after apply) below our hooks."""
+        new = _compile.hoist_compiled_regions(list(self.denoiser.modules()), self._gated, self._hoisted)
+        self._undo.extend(region.restore for region in new)
+
+    def _compile_report(self, counts: dict[str, int]) -> dict[str, Any]:
+        for key, value in counts.items():
+            self.compile_totals[key] += value
+        wrapper = getattr(self.pipe, self.adapter.denoiser, None)
+        return {
+            "regions": len(self._hoisted),
+            "whole_model": wrapper is not self.denoiser or self.denoiser.__dict__.get("_compiled_call_impl") is not None
+            or id(self.denoiser) in self._hoisted,
+            **counts,
+            "since_apply": dict(self.compile_totals),
+        }
+
     # ------------------------------------------------------------------ pipeline calls
     def run_call(self, original_call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         # methods must see the arguments the call really runs with, a checkpoint's sampler contract included
@@ -347,10 +381,13 @@ class AccelSession:
                 call = functools.partial(method.wrap_call, self, call)
         token = _ACTIVE_SESSION.set(self)
         try:
+            self._hoist_compiled_regions()
+            self._dynamo.start()
             self.begin_call(call_args)
             try:
                 return call(pipe, *args, **kwargs)
             finally:
+                self.stats.extra["compile"] = self._compile_report(self._dynamo.stop())
                 self.end_call()
         finally:
             _ACTIVE_SESSION.reset(token)

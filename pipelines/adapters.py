@@ -43,6 +43,8 @@ class ModelAdapter:
         timestep_scale: the pipeline passes ``timestep / timestep_scale`` to the denoiser (Flux: 1000).
         latent_layout: ``image`` ``[B,C,H,W]``, ``packed_image`` ``[B,L,C·p²]``, ``video`` ``[B,C,F,H,W]`` or
             ``packed_video`` ``[B,L,C]``.
+        repeated_blocks: class names of the denoiser's repeated blocks, for Diffusers' regional compile
+            (``compile_repeated_blocks``) on models whose class leaves ``_repeated_blocks`` empty.
         extra: optional facts used by some methods: ``self_attention`` (attribute names of a block's
             self-attention modules), ``joint_text`` (``"prefix"``/``"suffix"``: where joint attention puts the text
             tokens), ``frames_first`` (video latents are ``[B,F,C,H,W]``), ``resolution_multiple``.
@@ -62,11 +64,14 @@ class ModelAdapter:
     timestep_scale: float = 1.0
     latent_layout: LatentLayout = "image"
     video: bool = False
+    repeated_blocks: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries on a live pipeline
     def get_denoiser(self, pipe: Any) -> torch.nn.Module:
-        return getattr(pipe, self.denoiser)
+        denoiser = getattr(pipe, self.denoiser)
+        # `pipe.transformer = torch.compile(pipe.transformer)` wraps it; hooks belong on the module it wraps
+        return getattr(denoiser, "_orig_mod", denoiser)
 
     def get_blocks(self, pipe: Any) -> list[torch.nn.Module]:
         """All transformer blocks of the denoiser, in execution order (one flat list across ``block_lists``)."""
@@ -94,21 +99,22 @@ def _adapter_list() -> list[ModelAdapter]:
     return [
         ModelAdapter(
             family="dit", pipeline_classes=("DiTPipeline",), uncond_first=False, learned_sigma=True,
-            extra={"self_attention": ("attn1",)},
+            repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_alpha", pipeline_classes=("PixArtAlphaPipeline",), learned_sigma=True,
-            extra={"self_attention": ("attn1",)},
+            repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_sigma", pipeline_classes=("PixArtSigmaPipeline", "PixArtSigmaPAGPipeline"),
-            learned_sigma=True, extra={"self_attention": ("attn1",)},
+            learned_sigma=True, repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="sd3",
             pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                               "StableDiffusion3InpaintPipeline"),
-            prediction="flow", extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
+            prediction="flow", repeated_blocks=("JointTransformerBlock",),
+            extra={"self_attention": ("attn", "attn2"), "joint_text": "suffix"},
         ),
         ModelAdapter(
             family="flux",
@@ -121,7 +127,7 @@ def _adapter_list() -> list[ModelAdapter]:
         ),
         ModelAdapter(
             family="cogvideox", pipeline_classes=("CogVideoXPipeline",), prediction="v_prediction",
-            latent_layout="video", video=True,
+            latent_layout="video", video=True, repeated_blocks=("CogVideoXBlock",),
             extra={"frames_first": True, "self_attention": ("attn1",), "joint_text": "prefix"},
         ),
         ModelAdapter(
