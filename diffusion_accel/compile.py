@@ -126,24 +126,46 @@ class HoistedRegion:
             self.module._compiled_call_impl = self.user_compiled
 
 
-def hoist_compiled_regions(modules: list[torch.nn.Module], ours: set[int],
-                           hoisted: dict[int, HoistedRegion]) -> list[HoistedRegion]:
-    """Move newly compiled regions of ``modules`` below the hooks whose ``fn_ref`` ids are in ``ours``.
+def _our_refs(module: torch.nn.Module, ours: set[int] | dict[int, str]) -> list[Any]:
+    registry = module.__dict__.get("_diffusers_hook")
+    return [ref for ref in (registry._fn_refs if registry is not None else []) if id(ref) in ours]
 
-    ``hoisted`` holds the regions already moved (by module id) and is updated; returns the new ones.
+
+def hoist_compiled_regions(modules: list[torch.nn.Module], ours: dict[int, str],
+                           hoisted: dict[int, HoistedRegion]) -> list[HoistedRegion]:
+    """Move newly compiled regions of ``modules`` below the hooks whose ``fn_ref`` ids are keys of ``ours``.
+
+    ``ours`` maps each hook to the method that owns it. ``hoisted`` holds the regions already moved (by module id)
+    and is updated; returns the new ones.
+
+    Raises:
+        ValueError: a ``fullgraph=True`` region contains hooks of ours on its submodules (attention-level methods
+            inside a compiled block): they cannot run eagerly inside one graph.
     """
-    new = []
+    compiled_modules = []
     for module in modules:
         compiled = module.__dict__.get("_compiled_call_impl")
-        if compiled is None:
-            continue
-        registry = module.__dict__.get("_diffusers_hook")
-        refs = [ref for ref in (registry._fn_refs if registry is not None else []) if id(ref) in ours]
+        context = None if compiled is None else _dynamo_context(compiled)
+        if context is None:
+            continue  # not compiled, or not by torch.compile: leave it (our hooks are then traced and break it)
+        compiled_modules.append((module, compiled, context))
+        if getattr(context, "fullgraph", False):
+            inside = {(type(sub).__name__, ours[id(ref)]) for name, sub in module.named_modules() if name
+                      for ref in _our_refs(sub, ours)}
+            if inside:
+                kinds = ", ".join(sorted({k for k, _ in inside}))
+                methods = ", ".join(sorted({m for _, m in inside}))
+                raise ValueError(
+                    f"{methods} hooks the {kinds} modules inside {type(module).__name__}, which was compiled with "
+                    "fullgraph=True as one graph; those hooks decide per step in Python and cannot run inside it. "
+                    "Compile with fullgraph=False (compile_repeated_blocks(fullgraph=False): the hooks become "
+                    "counted graph breaks), or use a block-level method (delta_cache, fbcache, magcache, dbcache)."
+                )
+    new = []
+    for module, compiled, context in compiled_modules:  # checked all first: nothing is moved if one is refused
+        refs = _our_refs(module, ours)
         if not refs:
             continue
-        context = _dynamo_context(compiled)
-        if context is None:
-            continue  # not made by torch.compile: leave it (our hooks are then traced, and break the graph)
         region = hoisted.get(id(module))
         if region is None:
             innermost = refs[0]

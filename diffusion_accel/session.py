@@ -36,6 +36,7 @@ from . import compile as _compile
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
+from .parallel import check_context_parallel
 from .pipelines.adapters import ModelAdapter
 from .pipelines.contract import fill_contract_defaults
 from .stats import CallStats, tensor_footprint
@@ -214,6 +215,7 @@ class AccelSession:
         self._timestep_position: int | None = None
         self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
         self._gated: set[int] = set()
+        self._owners: dict[int, str] = {}  # hook fn_ref id -> the method that registered it ("session": ours)
         self._hoisted: dict[int, _compile.HoistedRegion] = {}
         self._top_forward: Any = None
         self._dynamo = _compile.DynamoCounter()
@@ -273,6 +275,8 @@ class AccelSession:
         self._undo.append(functools.partial(self._detach_method, method))
         method.attach(self)
         for key, ref in self._hook_refs().items():
+            if key not in before:
+                self._owners[key] = method.name
             if key not in before and key not in self._gated:
                 self._gated.add(key)
                 _gate(ref, self.is_active)
@@ -343,6 +347,7 @@ class AccelSession:
             except Exception as exc:  # keep going: the pipeline must be restored as far as possible
                 errors.append(exc)
         self._gated.clear()
+        self._owners.clear()
         self._restore_snapshot()
         sessions = _SESSIONS.get(self.denoiser, [])
         if self in sessions:
@@ -382,7 +387,8 @@ class AccelSession:
 
     def _hoist_compiled_regions(self) -> None:
         """Move regions compiled since the last call (``compile_repeated_blocks`` after apply) below our hooks."""
-        new = _compile.hoist_compiled_regions(list(self.denoiser.modules()), self._gated, self._hoisted)
+        owners = {key: self._owners.get(key, "diffusion_accel") for key in self._gated}
+        new = _compile.hoist_compiled_regions(list(self.denoiser.modules()), owners, self._hoisted)
         self._undo.extend(region.restore for region in new)
 
     def _compile_report(self, counts: dict[str, int]) -> dict[str, Any]:
@@ -419,6 +425,7 @@ class AccelSession:
                 call = functools.partial(method.wrap_call, self, call)
         token = _ACTIVE_SESSION.set(self)
         try:
+            check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply
             self._hoist_compiled_regions()
             self._dynamo.start()
             self.begin_call(call_args)
