@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MethodConfig, parse_config, registered_methods
+from .parallel import check_context_parallel
 from .pipelines.adapters import find_adapter
 from .session import SESSION_ATTR, AccelSession, sessions_on
 from .stats import format_stats
@@ -127,6 +128,7 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     if problems:
         raise ValueError("Cannot apply to this pipeline: " + "; ".join(problems) + ".")
     _check_shared_denoiser(pipe, adapter, parsed)
+    check_context_parallel(adapter.get_denoiser(pipe), [c.name for c in parsed])
     session = AccelSession(pipe, adapter, parsed)
     session.attach()  # rolls itself back on failure
     return AccelHandle(session)

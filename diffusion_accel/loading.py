@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .logs import configure_pipeline
 
 
@@ -28,7 +30,22 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
       sampler contract (:mod:`diffusion_accel.pipelines.contract`) loads as its contract class, so a call with only
       a prompt samples the way the weights were trained.
     """
-    return configure_pipeline(_load(name_or_path, **kwargs))
+    return _supply_repeated_blocks(configure_pipeline(_load(name_or_path, **kwargs)))
+
+
+def _supply_repeated_blocks(pipe: Any) -> Any:
+    """Let ``compile_repeated_blocks`` work on families whose Diffusers class names no repeated blocks."""
+    from .compile import ensure_repeated_blocks
+    from .pipelines.adapters import find_adapter
+
+    try:
+        adapter = find_adapter(pipe)
+    except ValueError:
+        return pipe
+    denoiser = getattr(pipe, adapter.denoiser, None)
+    if isinstance(denoiser, torch.nn.Module):
+        ensure_repeated_blocks(denoiser, adapter)
+    return pipe
 
 
 def _load(name_or_path: str | Path, **kwargs: Any) -> Any:

@@ -32,12 +32,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 
+from . import compile as _compile
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
+from .parallel import check_context_parallel
 from .pipelines.adapters import ModelAdapter
 from .pipelines.contract import fill_contract_defaults
-from .stats import CallStats
+from .stats import CallStats, tensor_footprint
 
 SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
@@ -121,6 +123,19 @@ def relinked_hook_chains(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
         module.forward = below
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """The denoiser returned NaN or inf while methods were attached; the call stops instead of caching it."""
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, torch.Tensor)), None)
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None
+
+
 class _NoState(BaseState):
     def reset(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -200,6 +215,11 @@ class AccelSession:
         self._timestep_position: int | None = None
         self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
         self._gated: set[int] = set()
+        self._owners: dict[int, str] = {}  # hook fn_ref id -> the method that registered it ("session": ours)
+        self._hoisted: dict[int, _compile.HoistedRegion] = {}
+        self._top_forward: Any = None
+        self._dynamo = _compile.DynamoCounter()
+        self.compile_totals = {"frames_compiled": 0, "recompiles": 0, "graph_breaks": 0}
         self.attached = False
 
     # ------------------------------------------------------------------ properties
@@ -255,6 +275,8 @@ class AccelSession:
         self._undo.append(functools.partial(self._detach_method, method))
         method.attach(self)
         for key, ref in self._hook_refs().items():
+            if key not in before:
+                self._owners[key] = method.name
             if key not in before and key not in self._gated:
                 self._gated.add(key)
                 _gate(ref, self.is_active)
@@ -290,6 +312,10 @@ class AccelSession:
         self._take_snapshot()
         _SESSIONS.setdefault(self.denoiser, []).append(self)
         try:
+            self._keep_hooks_eager()
+            if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
+                denoiser = self.denoiser
+                self._undo.append(lambda: denoiser.__dict__.pop("_repeated_blocks", None))
             for index, block in enumerate(self.blocks):
                 self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
             for method in sorted(self.methods, key=lambda m: -m.priority):
@@ -298,6 +324,7 @@ class AccelSession:
             self._original_class = type(self.pipe)
             object.__setattr__(self.pipe, SESSION_ATTR, self)
             object.__setattr__(self.pipe, "__class__", _accelerated_class(self._original_class))
+            self._top_forward = self.denoiser.__dict__.get("forward")
         except Exception:
             self.detach()
             raise
@@ -320,6 +347,7 @@ class AccelSession:
             except Exception as exc:  # keep going: the pipeline must be restored as far as possible
                 errors.append(exc)
         self._gated.clear()
+        self._owners.clear()
         self._restore_snapshot()
         sessions = _SESSIONS.get(self.denoiser, [])
         if self in sessions:
@@ -329,6 +357,51 @@ class AccelSession:
         self.attached = False
         if errors:
             raise errors[0]
+
+    def _relink_after_accelerate(self) -> None:
+        """Put our denoiser hooks back on top after ``enable_model_cpu_offload`` re-hooked the denoiser.
+
+        Every pipeline call ends in ``maybe_free_model_hooks``, which removes accelerate's hook (restoring the forward
+        it wrapped, from below our hooks) and adds a fresh one: our denoiser-level hooks fall out of the chain. The
+        accelerate wrapper our chain calls reads the module's current ``_hf_hook`` / ``_old_forward``, so relinking
+        our top forward restores the order the user set up: our hooks outside, the offload hook inside.
+        """
+        denoiser = self.denoiser
+        current = denoiser.__dict__.get("forward")
+        if current is self._top_forward or self._top_forward is None:
+            return
+        func = getattr(current, "func", None)
+        if getattr(func, "__module__", "") == "accelerate.hooks" and hasattr(denoiser, "_hf_hook"):
+            denoiser.forward = self._top_forward
+        else:  # hooks added or removed by someone else since (another session): that is the chain now
+            self._top_forward = current
+
+    # ------------------------------------------------------------------ torch.compile
+    def _keep_hooks_eager(self) -> None:
+        """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
+        names = {__name__, "diffusion_accel.stats", "diffusion_accel.context", "diffusion_accel.blocks",
+                 "diffusion_accel.row_store"}
+        names.update(type(method).__module__ for method in self.methods)
+        for name in sorted(names):
+            _compile.mark_eager(name)
+
+    def _hoist_compiled_regions(self) -> None:
+        """Move regions compiled since the last call (``compile_repeated_blocks`` after apply) below our hooks."""
+        owners = {key: self._owners.get(key, "diffusion_accel") for key in self._gated}
+        new = _compile.hoist_compiled_regions(list(self.denoiser.modules()), owners, self._hoisted)
+        self._undo.extend(region.restore for region in new)
+
+    def _compile_report(self, counts: dict[str, int]) -> dict[str, Any]:
+        for key, value in counts.items():
+            self.compile_totals[key] += value
+        wrapper = getattr(self.pipe, self.adapter.denoiser, None)
+        return {
+            "regions": len(self._hoisted),
+            "whole_model": wrapper is not self.denoiser or self.denoiser.__dict__.get("_compiled_call_impl") is not None
+            or id(self.denoiser) in self._hoisted,
+            **counts,
+            "since_apply": dict(self.compile_totals),
+        }
 
     # ------------------------------------------------------------------ pipeline calls
     def run_call(self, original_call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
@@ -341,16 +414,25 @@ class AccelSession:
             call_args.update(call_args.pop("kwargs", {}) or {})
         except TypeError:
             return original_call(pipe, *args, **kwargs)  # let the pipeline raise its own error
-        call = original_call
+
+        def relinked_call(*call_args_: Any, **call_kwargs: Any) -> Any:
+            self._relink_after_accelerate()  # also between the calls a method makes per stage
+            return original_call(*call_args_, **call_kwargs)
+
+        call = relinked_call
         for method in self.methods:  # methods that re-shape the whole call (bottleneck stages) wrap it
             if hasattr(method, "wrap_call"):
                 call = functools.partial(method.wrap_call, self, call)
         token = _ACTIVE_SESSION.set(self)
         try:
+            check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply
+            self._hoist_compiled_regions()
+            self._dynamo.start()
             self.begin_call(call_args)
             try:
                 return call(pipe, *args, **kwargs)
             finally:
+                self.stats.extra["compile"] = self._compile_report(self._dynamo.stop())
                 self.end_call()
         finally:
             _ACTIVE_SESSION.reset(token)
@@ -368,8 +450,42 @@ class AccelSession:
     def end_call(self) -> None:
         for method in self.methods:
             method.on_call_end(self)
+        self._note_cache_memory()
         self.stats.finish()
         self.last_stats = self.stats
+
+    def _note_cache_memory(self) -> None:
+        """Keep the largest cache footprint seen in this call (Diffusers' caches empty theirs when a call ends)."""
+        memory = self.cache_memory()
+        seen = self.stats.extra.get("cache_memory")
+        if seen is None or memory["bytes"] > seen["bytes"]:
+            self.stats.extra["cache_memory"] = memory
+
+    def cache_memory(self) -> dict[str, Any]:
+        """Bytes held by the methods and their hooks (Diffusers' cache states included), by dtype."""
+        roots: list[Any] = list(self.methods)
+        for module in self.denoiser.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None:
+                roots += [hook for hook in registry.hooks.values() if id(hook.fn_ref) in self._gated]
+        return tensor_footprint(roots, skip_types=(AccelSession, StepContext))
+
+    def _check_finite(self, output: Any) -> None:
+        """A NaN/inf from the denoiser must not enter a cache and be reused for steps: stop the call, say where."""
+        tensor = _first_tensor(output)
+        if tensor is None or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            return
+        ctx = self.context
+        where = {"stage": ctx.stage, "step": ctx.step_index, "num_steps": ctx.num_steps, "branch": ctx.branch}
+        self.stats.extra["non_finite"] = where
+        methods = ", ".join(m.name for m in self.methods) or "none (statistics only)"
+        raise NonFiniteOutputError(
+            f"The {self.adapter.denoiser} returned NaN/inf at step {ctx.step_index} of {ctx.num_steps} "
+            f"({ctx.branch} pass, {tensor.dtype}) with diffusion-accel methods {methods} attached. The call was "
+            "stopped so that no cache stores or reuses it. If the pipeline without methods gives finite output, "
+            "report it with the method config; if not, it comes from the model: in float16, overflowing "
+            "activations are common: try bfloat16."
+        )
 
     # ------------------------------------------------------------------ denoiser forwards
     def _timestep_argument(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -419,7 +535,11 @@ class AccelSession:
                 ctx.branch, step_index=step, num_inference_steps=num_steps, timestep=timestep, sigma=ctx.sigma,
             ))
         try:
-            return forward(*args, **kwargs)
+            output = forward(*args, **kwargs)
+            self._check_finite(output)
+            if step < 3:  # caches reach their size on the first full steps; walking them every step costs time
+                self._note_cache_memory()
+            return output
         finally:
             if set_context:
                 _set_cache_context(module, None)

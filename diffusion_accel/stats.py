@@ -142,3 +142,33 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{skipped}"
         )
     return "\n".join(lines)
+
+
+def tensor_footprint(roots: list[Any], skip_types: tuple[type, ...] = ()) -> dict[str, Any]:
+    """Bytes of the distinct tensors reachable from ``roots`` (a method's caches, its hooks' states), by dtype.
+
+    Follows containers and the attributes of our own and Diffusers' hook objects; never enters ``nn.Module``s
+    (weights are not cache) or ``skip_types`` (the session, which reaches the pipeline).
+    """
+    import torch
+
+    seen: set[int] = set()
+    by_dtype: dict[str, int] = {}
+    stack: list[tuple[Any, int]] = [(root, 0) for root in roots]
+    while stack:
+        obj, depth = stack.pop()
+        if id(obj) in seen or depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            key = str(obj.dtype).removeprefix("torch.")
+            by_dtype[key] = by_dtype.get(key, 0) + obj.numel() * obj.element_size()
+        elif isinstance(obj, (torch.nn.Module, type)) or isinstance(obj, skip_types) or callable(obj):
+            continue
+        elif isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif type(obj).__module__.startswith(("diffusion_accel", "diffusers.hooks", "cache_dit")):
+            stack.extend((v, depth + 1) for v in getattr(obj, "__dict__", {}).values())
+    return {"bytes": sum(by_dtype.values()), "by_dtype": by_dtype}

@@ -105,6 +105,13 @@ def _time_one_length(q, k, v, sparsities, block_size: int, log) -> dict:
                 dense_ms[name] = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median")
         except RuntimeError as exc:  # backend not available for this shape / dtype / build
             log(f"L={length}: SDPA {name} unavailable ({str(exc).splitlines()[0][:80]})")
+    from .dense import dense_attention, xformers_unavailable_reason
+
+    reason = xformers_unavailable_reason(q.device)
+    if reason is None:
+        dense_ms["xformers"] = do_bench(lambda: dense_attention(q, k, v, backend="xformers"), return_mode="median")
+    else:
+        log(f"L={length}: xformers dense backend skipped ({reason.split(';')[0]})")
     best = min(dense_ms.values())
     flops = 4.0 * length * length * head_dim * heads
     row = {"seq_len": length, "heads": heads, "head_dim": head_dim, "dtype": str(q.dtype).replace("torch.", ""),

@@ -48,6 +48,8 @@ class ModelAdapter:
             ``packed_video`` ``[B,L,C]``.
         unsupported_methods: method name -> why that method cannot run on this family (an upstream bug, a layout the
             method cannot read). Methods are otherwise offered wherever their adapter predicate holds.
+        repeated_blocks: class names of the denoiser's repeated blocks, for Diffusers' regional compile
+            (``compile_repeated_blocks``) on models whose class leaves ``_repeated_blocks`` empty.
         extra: optional facts used by some methods: ``self_attention`` (attribute names of a block's
             self-attention modules), ``joint_text`` (``"prefix"``/``"suffix"``: where joint attention puts the text
             tokens), ``frames_first`` (video latents are ``[B,F,C,H,W]``), ``resolution_multiple``.
@@ -68,6 +70,7 @@ class ModelAdapter:
     timestep_scale: float = 1.0
     latent_layout: LatentLayout = "image"
     unsupported_methods: Mapping[str, str] = field(default_factory=dict)
+    repeated_blocks: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived facts
@@ -87,7 +90,9 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ queries on a live pipeline
     def get_denoiser(self, pipe: Any) -> torch.nn.Module:
-        return getattr(pipe, self.denoiser)
+        denoiser = getattr(pipe, self.denoiser)
+        # `pipe.transformer = torch.compile(pipe.transformer)` wraps it; hooks belong on the module it wraps
+        return getattr(denoiser, "_orig_mod", denoiser)
 
     def get_blocks(self, pipe: Any) -> list[torch.nn.Module]:
         """All transformer blocks of the denoiser, in execution order (one flat list across ``block_lists``)."""
@@ -129,21 +134,21 @@ def _adapter_list() -> list[ModelAdapter]:
         ModelAdapter(
             family="dit", pipeline_classes=("DiTPipeline",), uncond_first=False, learned_sigma=True,
             unsupported_methods={"dbcache": _CACHE_DIT_LEAVES_MODULES},
-            extra={"self_attention": ("attn1",)},
+            repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_alpha", pipeline_classes=("PixArtAlphaPipeline",), learned_sigma=True,
-            extra={"self_attention": ("attn1",)},
+            repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="pixart_sigma", pipeline_classes=("PixArtSigmaPipeline", "PixArtSigmaPAGPipeline"),
-            learned_sigma=True, extra={"self_attention": ("attn1",)},
+            learned_sigma=True, repeated_blocks=("BasicTransformerBlock",), extra={"self_attention": ("attn1",)},
         ),
         ModelAdapter(
             family="sd3",
             pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                               "StableDiffusion3InpaintPipeline"),
-            prediction="flow",
+            prediction="flow", repeated_blocks=("JointTransformerBlock",),
             unsupported_methods={
                 "fbcache": "Diffusers 0.42.1's FirstBlockCache subtracts the None encoder states of SD3's "
                            "context_pre_only last block (TypeError)",
@@ -165,7 +170,7 @@ def _adapter_list() -> list[ModelAdapter]:
         ),
         ModelAdapter(
             family="cogvideox", pipeline_classes=("CogVideoXPipeline",), prediction="v_prediction",
-            latent_layout="video",
+            latent_layout="video", repeated_blocks=("CogVideoXBlock",),
             extra={"frames_first": True, "self_attention": ("attn1",), "joint_text": "prefix"},
         ),
         ModelAdapter(

@@ -230,7 +230,8 @@ class TaylorSeerCache(_DiffusersCacheConfig):
     disable_cache_before_step: int = 3
     disable_cache_after_step: int | None = None
     max_order: int = 1
-    taylor_factors_dtype: str = "float32"
+    #: ``"auto"``: the denoiser's compute dtype, so a bf16/fp16 pipeline's factors are not silently kept in float32.
+    taylor_factors_dtype: str = "auto"
     use_lite_mode: bool = False
     #: Regexes (``re.fullmatch`` on module names) of the modules whose outputs are cached. ``None``: every attention
     #: module inside the adapter's block lists (``<blocks>.<i>.attn``, ``attn1``, ``attn2``, ...). We do not use
@@ -243,9 +244,17 @@ class TaylorSeerCache(_DiffusersCacheConfig):
             raise ValueError(f"taylorseer cache_interval must be >= 1 (got {self.cache_interval}).")
         if self.max_order < 0:
             raise ValueError(f"taylorseer max_order must be >= 0 (got {self.max_order}).")
-        if not isinstance(getattr(torch, self.taylor_factors_dtype, None), torch.dtype):
+        if self.taylor_factors_dtype != "auto" and not isinstance(getattr(torch, self.taylor_factors_dtype, None),
+                                                                  torch.dtype):
             raise ValueError(f"taylorseer taylor_factors_dtype {self.taylor_factors_dtype!r} is not a torch dtype; "
-                             "use 'float32' or 'bfloat16'.")
+                             "use 'auto' (the model's dtype), 'float32' or 'bfloat16'.")
+
+    def factors_dtype(self, denoiser: torch.nn.Module) -> torch.dtype:
+        if self.taylor_factors_dtype != "auto":
+            return getattr(torch, self.taylor_factors_dtype)
+        # the compute dtype: fp8 storage (layerwise casting) computes in a wider dtype, float32 unless told
+        dtypes = [p.dtype for p in denoiser.parameters() if p.is_floating_point() and p.element_size() >= 2]
+        return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
 
     def to_diffusers(self, session: AccelSession) -> Any:
         from diffusers.hooks import TaylorSeerCacheConfig
@@ -253,7 +262,7 @@ class TaylorSeerCache(_DiffusersCacheConfig):
         return TaylorSeerCacheConfig(
             cache_interval=self.cache_interval, disable_cache_before_step=self.disable_cache_before_step,
             disable_cache_after_step=self.disable_cache_after_step, max_order=self.max_order,
-            taylor_factors_dtype=getattr(torch, self.taylor_factors_dtype), use_lite_mode=self.use_lite_mode,
+            taylor_factors_dtype=self.factors_dtype(session.denoiser), use_lite_mode=self.use_lite_mode,
             cache_identifiers=list(self.cache_identifiers or self.default_identifiers(session.adapter)),
         )
 

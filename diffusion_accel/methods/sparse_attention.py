@@ -56,6 +56,8 @@ class SparseAttentionConfig(MethodConfig):
             elsewhere, eager last).
         min_tokens: self-attention over fewer image tokens than this stays dense (a few blocks leave nothing to
             skip, and compiling a kernel for them costs more than it saves).
+        dense_backend: what the calls that stay dense run on: ``"sdpa"`` (PyTorch, any device) or ``"xformers"``
+            (the ``[xformers]`` extra, CUDA only; refused at apply with the reason elsewhere).
     """
 
     name: ClassVar[str] = "sparse_attention"
@@ -74,6 +76,7 @@ class SparseAttentionConfig(MethodConfig):
     mask_refresh: int = 1
     backend: str = "auto"
     min_tokens: int = 512
+    dense_backend: str = "sdpa"
 
     def validate(self) -> None:
         from ..kernels.dispatch import BACKENDS
@@ -90,11 +93,22 @@ class SparseAttentionConfig(MethodConfig):
             raise ValueError(f"sparse_attention mask_refresh must be >= 1, got {self.mask_refresh}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"sparse_attention backend must be one of {BACKENDS}, got {self.backend!r}.")
+        from ..kernels.dense import DENSE_BACKENDS
+
+        if self.dense_backend not in DENSE_BACKENDS:
+            raise ValueError(f"sparse_attention dense_backend must be one of {DENSE_BACKENDS}, "
+                             f"got {self.dense_backend!r}.")
 
     def not_applicable_reason(self, adapter: ModelAdapter, pipe: Any) -> str | None:
         reason = super().not_applicable_reason(adapter, pipe)
         if reason is None and not adapter.extra.get("self_attention"):
             return f"the {adapter.family} adapter does not name its self-attention modules"
+        if reason is None and self.dense_backend == "xformers":
+            from ..kernels.dense import xformers_unavailable_reason
+
+            denoiser = adapter.get_denoiser(pipe)
+            device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
+            reason = xformers_unavailable_reason(device)
         return reason
 
     def build(self) -> Method:
@@ -128,6 +142,10 @@ class _SDPARouter(TorchFunctionMode):
                 out = self.method.attend(self.layer, q, k, call["value"], call.get("scale"))
                 if out is not None:
                     return out
+                if self.method.config.dense_backend != "sdpa":
+                    from ..kernels.dense import dense_attention
+
+                    return dense_attention(q, k, call["value"], call.get("scale"), self.method.config.dense_backend)
         return func(*args, **kwargs)
 
 
