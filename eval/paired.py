@@ -14,6 +14,7 @@ so the right unit is the *pair*. This module is the one home of that statistics:
 * :func:`fid_bootstrap`: FID-shapes with a **percentile bootstrap** interval over images resampled with replacement
   (the reference statistics held fixed) and, given the baseline's features, the paired bootstrap interval of
   FID(method) − FID(baseline) (the same resampled indices for both).
+* :func:`proportion_ci`: Wilson's score interval of a single run's adherence (no baseline to pair with).
 * :func:`claim_within`: the wording rule "within N points": the interval's lower end is above −N.
 """
 
@@ -65,6 +66,11 @@ def _wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
 
     ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of one proportion (e.g. a single run's adherence, with no baseline to pair with)."""
+    return _wilson(successes, n, confidence)
 
 
 def paired_difference_ci(lost: int, gained: int, n: int, both: int | None = None,
