@@ -531,14 +531,14 @@ def _fmt(value: Any) -> str:
 PAIRED_KEYS = ("lost", "gained", "adherence_diff_pts", "fid_shapes_ci")
 
 
-def _paired_cells(row: dict[str, Any]) -> list[str]:
+def _paired_cells(label: str, row: dict[str, Any]) -> list[str]:
     paired, fid = row.get("adherence_paired"), row.get("fid_shapes_interval")
-    if paired is None:
-        return ["-"] * len(PAIRED_KEYS)
+    fid_cell = f"[{fid['ci_low']:.1f}, {fid['ci_high']:.1f}]" if fid else "-"
+    if paired is None or label == "baseline":  # the baseline against itself: nothing to pair
+        return ["-"] * (len(PAIRED_KEYS) - 1) + [fid_cell]
     from .eval.paired import format_difference
 
-    return [str(paired["lost"]), str(paired["gained"]), format_difference(paired),
-            f"[{fid['ci_low']:.1f}, {fid['ci_high']:.1f}]" if fid else "-"]
+    return [str(paired["lost"]), str(paired["gained"]), format_difference(paired), fid_cell]
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -555,7 +555,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         "|---|" + "---|" * len(keys),
     ]
     for label, row in report["methods"].items():
-        cells = [_fmt(row[k]) for k in METRIC_KEYS] + (_paired_cells(row) if paired else [])
+        cells = [_fmt(row[k]) for k in METRIC_KEYS] + (_paired_cells(label, row) if paired else [])
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, reason in report.get("skipped", {}).items():
         lines.append(f"| {label} | skipped: {reason} |" + " |" * (len(keys) - 1))
