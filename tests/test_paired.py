@@ -28,8 +28,9 @@ def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]
 
 def test_newcombe_interval_on_the_altman_worked_example():
     """Altman et al., Statistics with Confidence (2000), Table 6.2: 41 pairs, 14 positive in both, 5 positive only
-    in the first classification, none only in the second, 22 in neither. Difference 5/41 = 0.122; Newcombe's method
-    10 gives 0.0115 to 0.2265, recomputed here from the formula with hand-written Wilson limits."""
+    in the first classification, none only in the second, 22 in neither. Difference 5/41 = 0.122. The interval is
+    recomputed here from Newcombe's formula with hand-written Wilson limits (whose textbook values the next test
+    checks) and pinned at 0.0115 to 0.2265."""
     low, high, p_value = paired_difference_ci(lost=0, gained=5, n=41, both=14)
     assert (5 / 41) == pytest.approx(paired_counts([1] * 14 + [0] * 27, [1] * 19 + [0] * 22).difference)
     l1, u1 = _wilson(19, 41)
