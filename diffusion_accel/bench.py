@@ -4,14 +4,22 @@ Per method it reports ``speedup_wall`` (median of interleaved timed calls, basel
 (denoiser MACs counted with ``torch.utils.flop_counter``, baseline / method; summed over every prompt on the
 quality tier, over the timing call on the speed tier), ``nfe``, ``psnr_vs_baseline`` and
 ``ssim_vs_baseline`` (same seeds), and on the testbed ``adherence`` and ``fid_shapes`` (shapes-net). It writes a
-JSON file, a Markdown table, a Pareto plot (speedup vs PSNR) and an image grid.
+JSON file, a Markdown table, a Pareto plot and an image grid.
+
+Adherence is compared in pairs (the same prompt and seed in both runs): prompts lost, prompts gained and the paired
+difference with its conditional exact (McNemar / Clopper-Pearson) 95 % interval; FID-shapes gets a percentile
+bootstrap interval over images (:mod:`diffusion_accel.eval.paired`). Per-image verdicts are kept in the JSON.
+On the quality tier the baseline's images, verdicts and features are cached between runs of the same settings
+(:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size, versions).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -25,6 +33,11 @@ import torch
 from .loading import base_call_kwargs
 
 METRIC_KEYS = ("speedup_wall", "macs_ratio", "nfe", "psnr_vs_baseline", "ssim_vs_baseline", "adherence", "fid_shapes")
+#: Held-out samples (prompt + seed pairs) of a testbed quality run: enough for a paired-difference 95 % interval of
+#: about ±3 points at the discordance the shipped methods show on the testbeds (see README, "Benchmarks").
+QUALITY_PROMPTS = 1024
+#: Bumped when the per-image metrics change, so cached baseline verdicts from older code are not reused.
+METRICS_VERSION = 1
 
 BUILTIN_PROMPTS = (
     "a red circle", "a blue square", "a green triangle", "a yellow circle in the top left",
@@ -188,15 +201,135 @@ def _fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     )
 
 
-def _shape_metrics(images: np.ndarray, prompts: list[str]) -> tuple[float | None, float | None]:
-    """Prompt adherence and FID-shapes from the testbed's shapes-net (images only)."""
+def _shape_metrics(images: np.ndarray, prompts: list[str]) -> tuple[list[bool], np.ndarray] | None:
+    """Per-image adherence verdicts and shapes-net features of testbed images (``None`` for videos)."""
     if images.ndim != 4:
-        return None, None
+        return None
     try:
-        from .pipelines.testbed.shapes_net import adherence, fid_shapes
+        from .pipelines.testbed.shapes_net import verdicts_and_features
     except ImportError:
-        return None, None
-    return float(adherence(list(images), prompts)), float(fid_shapes(list(images)))
+        return None
+    return verdicts_and_features(list(images), prompts)
+
+
+def _quality_stats(metrics: dict[str, tuple[list[bool], np.ndarray]], base: str,
+                   fid_resamples: int) -> dict[str, dict[str, Any]]:
+    """Per label: adherence, the paired comparison with the baseline, FID-shapes with bootstrap intervals."""
+    from .eval.paired import fid_bootstrap, paired_summary
+    from .pipelines.testbed.shapes_net import load_real_statistics
+
+    mu, sigma = load_real_statistics()
+    base_flags, base_features = metrics[base]
+    out = {}
+    for label, (flags, feats) in metrics.items():
+        fid = fid_bootstrap(feats, mu, sigma, None if label == base else base_features, resamples=fid_resamples)
+        out[label] = {"adherence": float(np.mean(flags)), "fid_shapes": fid.pop("fid"),
+                      "adherence_paired": paired_summary(base_flags, flags), "fid_shapes_interval": fid}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- baseline cache
+def default_cache_dir() -> Path:
+    """``$DIFFUSION_ACCEL_CACHE/bench`` or ``~/.cache/diffusion_accel/bench``."""
+    root = os.environ.get("DIFFUSION_ACCEL_CACHE") or Path.home() / ".cache" / "diffusion_accel"
+    return Path(root) / "bench"
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file (memoised on path, size and mtime); files over 256 MB by size and mtime only."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        if stat.st_size > 256 << 20:
+            _FILE_HASHES[memo] = f"size={stat.st_size}:mtime={stat.st_mtime_ns}"
+        else:
+            _FILE_HASHES[memo] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _FILE_HASHES[memo]
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): _file_digest(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and "__pycache__" not in f.parts}
+
+
+def pipeline_fingerprint(pipeline: str, pipe: Any) -> Any:
+    """What identifies the weights: the files of a local folder (``testbed:`` names resolve to theirs), else a hash
+    of every component's parameters and buffers (``tiny:`` pipelines, Hub ids)."""
+    folder: Path | None = None
+    if pipeline.startswith("testbed:"):
+        from .loading import _testbed_path
+
+        folder = _testbed_path(pipeline.split(":", 1)[1])
+    elif Path(pipeline).is_dir():
+        folder = Path(pipeline)
+    if folder is not None:
+        return {"name": pipeline, "files": _folder_digest(folder)}
+    digest = hashlib.sha256()
+    for name, component in sorted(getattr(pipe, "components", {}).items()):
+        if isinstance(component, torch.nn.Module):
+            for key, tensor in component.state_dict().items():
+                digest.update(f"{name}.{key}".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif hasattr(component, "config"):
+            digest.update(json.dumps(dict(component.config), sort_keys=True, default=str).encode())
+    return {"name": pipeline, "parameters": digest.hexdigest()}
+
+
+def baseline_cache_key(fingerprint: Any, call: dict[str, Any], prompts: list[str], seeds: list[int],
+                       batch_size: int, shape_metrics: bool) -> str:
+    """sha256 of everything the baseline's images and verdicts depend on: the weights (:func:`pipeline_fingerprint`),
+    the call arguments, prompts, seeds, batch size, and the versions of diffusion_accel, torch, Diffusers and the
+    metrics (shapes-net weights and real statistics included)."""
+    import diffusers
+
+    from . import __version__
+
+    metric: Any = None
+    if shape_metrics:
+        from .pipelines.testbed.shapes_net import default_path
+
+        metric = _folder_digest(default_path())
+    material = {"pipeline": fingerprint, "call": call, "prompts": prompts, "seeds": seeds, "batch_size": batch_size,
+                "versions": {"diffusion_accel": __version__, "torch": torch.__version__,
+                             "diffusers": diffusers.__version__, "metrics": METRICS_VERSION},
+                "shape_metrics": metric}
+    text = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cache_load(folder: Path, key: str) -> dict[str, Any] | None:
+    from safetensors.numpy import load_file
+
+    record_file, tensor_file = folder / "record.json", folder / "baseline.safetensors"
+    if not (record_file.exists() and tensor_file.exists()):
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        tensors = load_file(str(tensor_file))
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key:
+        return None
+    record["images"] = tensors["images"]
+    record["features"] = tensors.get("features")
+    return record
+
+
+def _cache_store(folder: Path, key: str, images: np.ndarray, nfe: float, macs: float | None,
+                 metrics: tuple[list[bool], np.ndarray] | None) -> None:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"images": np.ascontiguousarray(images)}
+    if metrics is not None:
+        tensors["features"] = np.ascontiguousarray(metrics[1])
+    save_file(tensors, str(folder / "baseline.safetensors"))
+    record = {"key": key, "nfe": nfe, "macs": macs,
+              "verdicts": None if metrics is None else [bool(v) for v in metrics[0]]}
+    (folder / "record.json").write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -217,8 +350,14 @@ def run_bench(
     out_dir: str | Path = "bench_out",
     json_path: str | Path | None = None,
     shape_metrics: bool | None = None,
+    cache_dir: str | Path | None = "default",
+    fid_resamples: int = 200,
+    pareto_x: str = "speedup_wall",
 ) -> dict[str, Any]:
-    """Run the side-by-side benchmark and write its JSON, Markdown, Pareto plot and image grid."""
+    """Run the side-by-side benchmark and write its JSON, Markdown, Pareto plot and image grid.
+
+    ``cache_dir``: where the baseline's quality-tier images and verdicts are cached (``"default"``:
+    :func:`default_cache_dir`; ``None``: no cache). ``pareto_x``: ``"speedup_wall"`` or ``"macs_ratio"``."""
     import diffusion_accel as da
 
     specs = parse_method_specs(methods) if isinstance(methods, str) else methods
@@ -247,7 +386,28 @@ def run_bench(
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, float] = {}
     macs: dict[str, float] = {}
+    metrics: dict[str, tuple[list[bool], np.ndarray]] = {}
+    seeds = [seed + i for i in range(len(prompts))]
+    cache_folder, cache_key, cache_hit = None, None, False
+    if cache_dir is not None and tier == "quality":
+        probe = _call_kwargs(pipe, family, prompts[:1], base_kwargs, steps, guidance_scale, size, [seed])
+        call = {k: v for k, v in probe.items() if k not in ("prompt", "generator", "negative_prompt")}
+        call["negative_prompt"] = probe.get("negative_prompt", [None])[0] if "negative_prompt" in probe else None
+        cache_key = baseline_cache_key(pipeline_fingerprint(pipeline, pipe), call, prompts, seeds, batch_size,
+                                       bool(shape_metrics))
+        cache_folder = (default_cache_dir() if cache_dir == "default" else Path(cache_dir)) / cache_key[:32]
+        cached = _cache_load(cache_folder, cache_key)
+        if cached is not None and (not shape_metrics or cached.get("verdicts") is not None):
+            cache_hit = True
+            images["baseline"], nfe["baseline"] = cached["images"], cached["nfe"]
+            if cached.get("macs") is not None:
+                macs["baseline"] = cached["macs"]
+            if shape_metrics:
+                metrics["baseline"] = (cached["verdicts"], cached["features"])
+    quality_start = time.perf_counter()
     for spec in runnable:
+        if spec.label in images:  # the cached baseline
+            continue
         chunks, nfes, total_macs = [], [], 0.0
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -266,6 +426,14 @@ def run_bench(
         nfe[spec.label] = float(np.mean(nfes))
         if macs_over_all:
             macs[spec.label] = total_macs
+        if shape_metrics:
+            found = _shape_metrics(images[spec.label], prompts)
+            if found is not None:
+                metrics[spec.label] = found
+        if spec.label == "baseline" and cache_folder is not None:
+            _cache_store(cache_folder, cache_key, images["baseline"], nfe["baseline"], macs.get("baseline"),
+                         metrics.get("baseline"))
+    quality_seconds = time.perf_counter() - quality_start
 
     # 2. MACs on the speed tier: one timing call per method
     macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], base_kwargs, steps, guidance_scale, size,
@@ -289,10 +457,12 @@ def run_bench(
                 times[spec.label].append(time.perf_counter() - start)
 
     base = "baseline"
+    quality = _quality_stats(metrics, base, fid_resamples) if base in metrics else {}
     results: dict[str, dict[str, Any]] = {}
     for spec in runnable:
         psnr, ssim = (math.inf, 1.0) if spec.label == base else _fidelity(images[spec.label], images[base])
-        adherence, fid = _shape_metrics(images[spec.label], prompts) if shape_metrics else (None, None)
+        q = quality.get(spec.label, {})
+        adherence, fid = q.get("adherence"), q.get("fid_shapes")
         results[spec.label] = {
             "speedup_wall": statistics.median(times[base]) / statistics.median(times[spec.label]),
             "macs_ratio": macs[base] / macs[spec.label] if macs[spec.label] else None,
@@ -302,6 +472,9 @@ def run_bench(
             "adherence": adherence,
             "fid_shapes": fid,
         }
+        if q:
+            results[spec.label]["adherence_paired"] = q["adherence_paired"]
+            results[spec.label]["fid_shapes_interval"] = q["fid_shapes_interval"]
     report = {
         "settings": {
             "pipeline": pipeline, "family": family, "tier": tier, "steps": macs_kwargs["num_inference_steps"],
@@ -309,6 +482,10 @@ def run_bench(
                                                   if k not in ("prompt", "generator", "negative_prompt")},
             "repeats": repeats, "guidance_scale": guidance_scale, "size": size, "seed": seed,
             "batch_size": batch_size, "timing_batch": timing_batch,
+            "distinct_prompts": len(set(prompts)), "seeds": f"{seed} + prompt index",
+            "quality_seconds": quality_seconds,
+            "baseline_cache": {"hit": cache_hit, "key": cache_key,
+                               "folder": str(cache_folder) if cache_folder else None},
             "methods": {s.label: {"configs": [c.to_dict() for c in s.configs], "call_overrides": s.call_overrides}
                         for s in runnable},
             "median_wall_s": {k: statistics.median(v) for k, v in times.items()},
@@ -320,7 +497,10 @@ def run_bench(
         "methods": results,
         "skipped": skipped,
     }
-    _write_outputs(report, images, prompts, out_dir, json_path)
+    if metrics:
+        report["per_image"] = {"prompts": prompts, "seeds": seeds,
+                               "verdicts": {k: "".join("1" if v else "0" for v in m[0]) for k, m in metrics.items()}}
+    _write_outputs(report, images, prompts, out_dir, json_path, pareto_x)
     return report
 
 
@@ -332,7 +512,7 @@ def _load_prompts(pipeline: str, count: int, prompts_file: str | None) -> list[s
         try:
             from .pipelines.testbed.shapes import heldout_prompts
 
-            return list(heldout_prompts())[:count]
+            return list(heldout_prompts(count))
         except ImportError:
             pass
     return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(count)]
@@ -347,31 +527,56 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Columns of the paired comparison (present when the run has per-image verdicts).
+PAIRED_KEYS = ("lost", "gained", "adherence_diff_pts", "fid_shapes_ci")
+
+
+def _paired_cells(label: str, row: dict[str, Any]) -> list[str]:
+    paired, fid = row.get("adherence_paired"), row.get("fid_shapes_interval")
+    fid_cell = f"[{fid['ci_low']:.1f}, {fid['ci_high']:.1f}]" if fid else "-"
+    if paired is None or label == "baseline":  # the baseline against itself: nothing to pair
+        return ["-"] * (len(PAIRED_KEYS) - 1) + [fid_cell]
+    from .eval.paired import format_difference
+
+    return [str(paired["lost"]), str(paired["gained"]), format_difference(paired), fid_cell]
+
+
 def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table; with per-image verdicts also prompts lost / gained vs the baseline, the paired
+    adherence difference in points with its 95 % interval, and the bootstrap interval of FID-shapes."""
     s = report["settings"]
+    paired = any("adherence_paired" in row for row in report["methods"].values())
+    keys = METRIC_KEYS + (PAIRED_KEYS if paired else ())
     lines = [
         f"Pipeline `{s['pipeline']}` ({s['family']}, {s['tier']} tier), {s['steps']} steps, "
         f"{s['num_prompts']} prompts, {s['repeats']} interleaved timing repeats",
         "",
-        "| method | " + " | ".join(METRIC_KEYS) + " |",
-        "|---|" + "---|" * len(METRIC_KEYS),
+        "| method | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
     ]
     for label, row in report["methods"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(row[k]) for k in METRIC_KEYS) + " |")
+        cells = [_fmt(row[k]) for k in METRIC_KEYS] + (_paired_cells(label, row) if paired else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, reason in report.get("skipped", {}).items():
-        lines.append(f"| {label} | skipped: {reason} |" + " |" * (len(METRIC_KEYS) - 1))
+        lines.append(f"| {label} | skipped: {reason} |" + " |" * (len(keys) - 1))
+    if paired:
+        from .eval.paired import FID_METHOD, PAIRED_METHOD
+
+        lines += ["", f"lost / gained: prompts right in the baseline and wrong with the method / the reverse (same "
+                      f"prompt and seed); adherence_diff_pts: method − baseline in points [{PAIRED_METHOD}]; "
+                      f"fid_shapes_ci: [{FID_METHOD}]. {s.get('distinct_prompts', '?')} distinct prompts."]
     return "\n".join(lines)
 
 
 def _write_outputs(report: dict[str, Any], images: dict[str, np.ndarray], prompts: list[str], out_dir: Path,
-                   json_path: str | Path | None) -> None:
+                   json_path: str | Path | None, pareto_x: str = "speedup_wall") -> None:
     json_file = Path(json_path) if json_path else out_dir / "bench.json"
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(report, indent=2, default=_json_default))
     table = markdown_table(report)
     (out_dir / "bench.md").write_text(table + "\n")
     _image_grid(images, out_dir / "grid.png")
-    _pareto_plot(report, out_dir / "pareto.png")
+    pareto_plot(report, out_dir / "pareto.png", x=pareto_x)
 
 
 def _json_default(value: Any) -> Any:
@@ -399,24 +604,62 @@ def _image_grid(images: dict[str, np.ndarray], path: Path, columns: int = 8) -> 
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def _pareto_plot(report: dict[str, Any], path: Path) -> None:
+def short_label(label: str) -> str:
+    """A compact legend label: method names shortened, option names cut to their initials
+    (``delta_cache:interval=2:num_cached_blocks=5`` → ``Δ i=2 ncb=5``)."""
+    names = {"delta_cache": "Δ", "adaptive_guidance": "AG", "linear_ag": "LinAG", "cfg_cutoff": "cutoff",
+             "fbcache": "FBC", "taylorseer": "TS", "dbcache": "DBC", "bottleneck": "BN", "magcache": "Mag"}
+    parts = []
+    for piece in label.split("+"):
+        name, *options = piece.split(":")
+        words = [names.get(name, name)]
+        for option in options:
+            key, _, value = option.partition("=")
+            value = Path(value).stem if "/" in value else value
+            words.append("".join(w[0] for w in key.split("_")) + "=" + value)
+        parts.append(" ".join(words))
+    return " + ".join(parts)
+
+
+def pareto_plot(report: dict[str, Any], path: Path, x: str = "speedup_wall") -> None:
+    """Cost vs quality: x is ``speedup_wall`` or ``macs_ratio``; y is the paired adherence difference to the baseline
+    in points with its 95 % interval as error bars (PSNR vs baseline when there are no verdicts). Points are numbered
+    and the legend names them, so ten methods stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, row in report["methods"].items():
-        if label == "baseline":
-            continue
-        ax.scatter(row["speedup_wall"], row["psnr_vs_baseline"])
-        ax.annotate(label, (row["speedup_wall"], row["psnr_vs_baseline"]), fontsize=7)
-    ax.set_xlabel("speedup (wall, x)")
-    ax.set_ylabel("PSNR vs baseline (dB)")
-    ax.set_title(f"{report['settings']['pipeline']} ({report['settings']['tier']} tier)")
+    if x not in ("speedup_wall", "macs_ratio"):
+        raise ValueError(f"Pareto x axis must be 'speedup_wall' or 'macs_ratio', got {x!r}.")
+    rows = [(label, row) for label, row in report["methods"].items() if label != "baseline" and row.get(x)]
+    paired = all("adherence_paired" in row for _, row in rows) and bool(rows)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    for index, (label, row) in enumerate(rows, start=1):
+        colour = cmap(index - 1)
+        if paired:
+            p = row["adherence_paired"]
+            y = 100 * p["difference"]
+            yerr = [[y - 100 * p["ci_low"]], [100 * p["ci_high"] - y]]
+            ax.errorbar(row[x], y, yerr=yerr, fmt="o", color=colour, capsize=3, label=f"{index}: {short_label(label)}")
+        else:
+            y = row["psnr_vs_baseline"]
+            ax.scatter(row[x], y, color=colour, label=f"{index}: {short_label(label)}")
+        ax.annotate(str(index), (row[x], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if paired:
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_ylabel("adherence − baseline (points, 95 % CI)")
+    else:
+        ax.set_ylabel("PSNR vs baseline (dB)")
+    ax.set_xlabel("speedup (wall, x)" if x == "speedup_wall" else "MACs ratio (baseline / method, x)")
+    ax.set_title(f"{report['settings']['pipeline']} ({report['settings']['tier']} tier, "
+                 f"{report['settings']['num_prompts']} prompts)")
     ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -426,30 +669,45 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--pipeline", default=None, help="pipeline name or path (default: testbed:pixart if shipped)")
     p.add_argument("--methods", default="baseline,delta_cache,fbcache,taylorseer",
                    help="comma list; name[:key=value...]; '+' combines methods in one entry")
-    p.add_argument("--prompts", default="16", help="number of built-in/held-out prompts, or a text file")
+    p.add_argument("--prompts", default=None,
+                   help=f"number of built-in/held-out prompts, or a text file (default: {QUALITY_PROMPTS} held-out "
+                        "prompt+seed pairs for a testbed on the quality tier, else 16)")
     p.add_argument("--steps", type=int, default=None, help="default: the pipeline's testbed default, else 20")
     p.add_argument("--tier", choices=("quality", "speed"), default="quality")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--size", type=int, default=None, help="height = width in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per quality call (default: 32 on a testbed, else 8)")
     p.add_argument("--timing-batch", type=int, default=1)
     p.add_argument("--out", default="bench_out")
     p.add_argument("--json", default=None)
+    p.add_argument("--pareto-x", choices=("speedup_wall", "macs_ratio"), default="speedup_wall",
+                   help="x axis of the Pareto plot")
+    p.add_argument("--no-baseline-cache", action="store_true",
+                   help="always regenerate the baseline (default: reuse cached images/verdicts of the same settings)")
+    p.add_argument("--cache-dir", default=None, help="baseline cache folder (default: ~/.cache/diffusion_accel/bench)")
+    p.add_argument("--fid-resamples", type=int, default=200, help="bootstrap resamples of the FID-shapes interval")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .cli import default_pipeline
 
-    prompts_file = args.prompts if not args.prompts.isdigit() else None
+    pipeline = args.pipeline or default_pipeline()
+    testbed_quality = pipeline.startswith("testbed:") and args.tier == "quality"
+    prompts = args.prompts or str(QUALITY_PROMPTS if testbed_quality else 16)
+    prompts_file = prompts if not prompts.isdigit() else None
+    batch_size = args.batch_size or (32 if pipeline.startswith("testbed:") else 8)
+    cache_dir = None if args.no_baseline_cache else (args.cache_dir or "default")
     report = run_bench(
-        args.pipeline or default_pipeline(), args.methods,
-        num_prompts=int(args.prompts) if args.prompts.isdigit() else 10_000, prompts_file=prompts_file,
+        pipeline, args.methods,
+        num_prompts=int(prompts) if prompts.isdigit() else 10_000, prompts_file=prompts_file,
         steps=args.steps, tier=args.tier, repeats=args.repeats, guidance_scale=args.guidance_scale,
-        size=args.size, seed=args.seed, batch_size=args.batch_size, timing_batch=args.timing_batch,
-        out_dir=args.out, json_path=args.json,
+        size=args.size, seed=args.seed, batch_size=batch_size, timing_batch=args.timing_batch,
+        out_dir=args.out, json_path=args.json, cache_dir=cache_dir, fid_resamples=args.fid_resamples,
+        pareto_x=args.pareto_x,
     )
     print(markdown_table(report))
     print(f"\nwrote {args.json or Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}, "

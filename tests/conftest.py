@@ -49,3 +49,9 @@ def pixart():
     from diffusion_accel.testing import tiny_pipeline
 
     return tiny_pipeline("pixart_alpha")
+
+
+@pytest.fixture(autouse=True)
+def _bench_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The bench's baseline cache goes to a per-session temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("DIFFUSION_ACCEL_CACHE", str(tmp_path_factory.getbasetemp() / "diffusion_accel_cache"))

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=None)
     parser.add_argument("--threshold", type=float, default=0.99, help="AG γ̄")
     parser.add_argument("--space", default="x0")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="prompts of the bench (default: the bench's quality count on a testbed, else 16)")
     parser.add_argument("--calibration-prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
@@ -51,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out/guidance")
     args = parser.parse_args(argv)
     pipeline = args.pipeline or default_pipeline()
+    if args.prompts is None:
+        from ..bench import QUALITY_PROMPTS
+
+        args.prompts = QUALITY_PROMPTS if pipeline.startswith("testbed:") and args.tier == "quality" else 16
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cutoff, ag_rows = matched_cutoff(pipeline, args.threshold, args.prompts, args.steps, args.guidance_scale,
-                                     args.space)
+    # the matched cutoff needs AG's mean skip count, not every prompt: 64 prompts settle it
+    cutoff, ag_rows = matched_cutoff(pipeline, args.threshold, min(args.prompts, 64), args.steps,
+                                     args.guidance_scale, args.space)
     coefficients = args.linear_ag
     if coefficients is None:
         cal = calibration_set(pipeline, args.calibration_prompts, args.steps, args.guidance_scale, seed=10_000)
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                f"cfg_cutoff:cutoff_step_index={cutoff},linear_ag:coefficients={coefficients}")
     report = run_bench(pipeline, methods, num_prompts=args.prompts, steps=args.steps, tier=args.tier,
                        repeats=args.repeats, guidance_scale=args.guidance_scale, out_dir=out,
-                       timing_batch=args.timing_batch,
+                       timing_batch=args.timing_batch, batch_size=32 if pipeline.startswith("testbed:") else 8,
                        json_path=out / "guidance.json")
     report["settings"]["ag_uncond_skipped_per_sample"] = ag_rows
     report["settings"]["matched_cutoff_step"] = cutoff

@@ -124,11 +124,13 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
             if handle is not None:
                 handle.remove()
 
+    from ..eval.paired import paired_summary
+
     reference = generate(None)
     testbed = pipeline.startswith("testbed:")
     ref_adherence, ref_flags, ref_fid = _testbed_metrics(reference, prompts) if testbed else (None, None, None)
     rows = [{"kind": "none", "steps": "-", "size": 0.0, "psnr_vs_baseline": float("inf"), "adherence": ref_adherence,
-             "fid_shapes": ref_fid, "lost": 0, "gained": 0}]
+             "fid_shapes": ref_fid, **(paired_summary(ref_flags, ref_flags) if testbed else {})}]
     scale = setup.scale
     for kind in kinds:
         for name in step_sets:
@@ -140,9 +142,8 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
                                        "fid_shapes": None, "lost": None, "gained": None}
                 if testbed:
                     adherence, flags, fid = _testbed_metrics(images, prompts)
-                    row.update(adherence=adherence, fid_shapes=fid,
-                               lost=sum(a and not b for a, b in zip(ref_flags, flags, strict=True)),
-                               gained=sum(b and not a for a, b in zip(ref_flags, flags, strict=True)))
+                    # lost / gained and the paired difference's interval: the same statistics as the bench
+                    row.update(adherence=adherence, fid_shapes=fid, **paired_summary(ref_flags, flags))
                 rows.append(row)
                 print(row, flush=True)
     return {"settings": {"pipeline": pipeline, "num_prompts": len(prompts), "steps": num_steps,
@@ -164,14 +165,17 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
+    from ..eval.paired import format_difference
+
     s = report["settings"]
     lines = [f"Random prediction noise on `{s['pipeline']}`, {s['num_prompts']} prompts, {s['steps']} steps, "
              f"CFG {s['guidance_scale']:g}", "",
-             "| noise | steps | r | psnr_vs_baseline | adherence | lost | gained | fid_shapes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| noise | steps | r | psnr_vs_baseline | adherence | lost | gained | adherence_diff_pts | fid_shapes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
+        diff = format_difference(row) if row.get("ci_low") is not None else ""
         cells = [_cell(row, "psnr_vs_baseline", ".2f"), _cell(row, "adherence", ".3f"), _cell(row, "lost", "d"),
-                 _cell(row, "gained", "d"), _cell(row, "fid_shapes", ".1f")]
+                 _cell(row, "gained", "d"), diff, _cell(row, "fid_shapes", ".1f")]
         lines.append(f"| {row['kind']} | {row['steps']} | {row['size']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

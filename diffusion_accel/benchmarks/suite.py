@@ -8,7 +8,10 @@ interleaved timing, medians), printed as tables and written as JSON under ``--ou
   never-skip overhead).
 * ``bottleneck``: Bottleneck Sampling vs the full-resolution baseline and the fewer-steps baseline of the same cost
   on ``testbed:flow`` (speed tier for time, quality tier for adherence/FID).
-* ``peers``: a quick smoke run of the Diffusers peers: ``testbed:pixart``, 16 prompts, baseline + two Diffusers peers.
+* ``peers``: the smoke run: ``testbed:pixart``, baseline + two Diffusers peers.
+
+Quality runs use the bench's :data:`~diffusion_accel.bench.QUALITY_PROMPTS` held-out prompt+seed pairs (enough for a
+±3-point paired interval), batched 32 at a time; the baseline is cached between runs of the same settings.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..bench import QUALITY_PROMPTS
+
 #: The paper's 4:13:8 split, our two faster splits (the last stage re-noised from 0.75), fewer-steps baselines.
 BOTTLENECK_METHODS = ("baseline,bottleneck,"
                       "bottleneck:step_fractions=[0.1,0.7,0.2]:start_sigmas=[1.0,0.8,0.75],"
@@ -26,11 +31,11 @@ BOTTLENECK_METHODS = ("baseline,bottleneck,"
 
 SUITES: dict[str, list[dict[str, Any]]] = {
     "peers": [
-        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": 16, "repeats": 2,
+        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": QUALITY_PROMPTS, "repeats": 2,
          "methods": "baseline,fbcache:threshold=0.1,taylorseer:cache_interval=3:disable_cache_before_step=2"},
     ],
     "delta_cache": [
-        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": 32, "repeats": 2,
+        {"pipeline": "testbed:pixart", "tier": "quality", "num_prompts": QUALITY_PROMPTS, "repeats": 2,
          "methods": "baseline,delta_cache:preset=pixart-alpha-20,"
                     "delta_cache:interval=2:num_cached_blocks=5:boundary=12,"
                     "delta_cache:interval=3:num_cached_blocks=4:boundary=12,"
@@ -49,7 +54,7 @@ SUITES: dict[str, list[dict[str, Any]]] = {
         {"pipeline": "testbed:flow", "tier": "speed", "num_prompts": 1, "repeats": 2, "methods": BOTTLENECK_METHODS},
         {"pipeline": "testbed:flow", "tier": "speed", "num_prompts": 1, "repeats": 2, "size": 256,
          "methods": BOTTLENECK_METHODS},
-        {"pipeline": "testbed:flow", "tier": "quality", "num_prompts": 64, "repeats": 1,
+        {"pipeline": "testbed:flow", "tier": "quality", "num_prompts": QUALITY_PROMPTS, "repeats": 1,
          "methods": BOTTLENECK_METHODS},
     ],
 }
@@ -72,6 +77,7 @@ def run_suite(name: str, out_dir: str | Path, overrides: dict[str, Any] | None =
         start = time.perf_counter()
         report = run_bench(run["pipeline"], run["methods"], num_prompts=run["num_prompts"], tier=run["tier"],
                            repeats=run["repeats"], size=run.get("size"), out_dir=target,
+                           batch_size=32 if run["tier"] == "quality" else 8,
                            json_path=target / "bench.json")
         report["settings"]["suite_seconds"] = time.perf_counter() - start
         (target / "bench.json").write_text(json.dumps(report, indent=2, default=str))

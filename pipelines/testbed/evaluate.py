@@ -1,4 +1,4 @@
-"""Prompt adherence and FID-shapes of a testbed pipeline on the 64 held-out prompts."""
+"""Prompt adherence (with its Wilson 95 % interval) and FID-shapes of a testbed pipeline on the 64 held-out prompts."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def evaluate_pipeline(name: str, path: str | Path | None = None, num_prompts: in
                       **overrides: Any) -> dict[str, Any]:
     """Adherence (held-out prompts, default settings) and FID-shapes vs the cached real statistics, with the
     real-vs-real floor for the same number of images."""
+    from ...eval.paired import proportion_ci
     from .shapes_net import adherence, fid_shapes
 
     pipe = load(name, path)
@@ -59,6 +60,7 @@ def evaluate_pipeline(name: str, path: str | Path | None = None, num_prompts: in
         print(f"FID-shapes unavailable: {exc}")
     return {
         "name": name, "num_prompts": len(prompts), "call_kwargs": {**default_call_kwargs(name), **overrides},
-        "adherence": score, "fid_shapes": fid, "fid_shapes_real_floor": floor, "generation_seconds": seconds,
+        "adherence": score, "adherence_ci": proportion_ci(int(sum(flags)), len(flags)),
+        "fid_shapes": fid, "fid_shapes_real_floor": floor, "generation_seconds": seconds,
         "failed_prompts": [p for p, ok in zip(prompts, flags, strict=True) if not ok],
     }

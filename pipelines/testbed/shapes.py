@@ -258,10 +258,12 @@ def make_batch(split: str, start: int, count: int) -> tuple[np.ndarray, list[Sha
     return np.stack([s.image for s in samples]), samples
 
 
-@lru_cache(maxsize=1)
-def heldout_prompts() -> tuple[str, ...]:
-    """The fixed 64 held-out prompts (split "heldout", never used in training)."""
-    return tuple(make_sample("heldout", i).caption for i in range(NUM_HELDOUT))
+@lru_cache(maxsize=4)
+def heldout_prompts(count: int = NUM_HELDOUT) -> tuple[str, ...]:
+    """The captions of the first ``count`` samples of split "heldout" (never used in training); the default 64 are
+    the fixed held-out prompts. A longer list starts with the same 64. The grammar repeats short captions (1 024
+    samples give 796 distinct captions), so a repeated caption is the same prompt with another seed."""
+    return tuple(make_sample("heldout", i).caption for i in range(count))
 
 
 # ------------------------------------------------------------------------------------------------ video

@@ -223,6 +223,19 @@ def adherence(images: Any, prompts: Sequence[str], net: ShapesNet | None = None,
     return (score, flags) if return_per_image else score
 
 
+def verdicts_and_features(images: Any, prompts: Sequence[str], net: ShapesNet | None = None,
+                          check_size: bool = False) -> tuple[list[bool], np.ndarray]:
+    """Per-image adherence verdicts and the 256-d features ``[N, 256]`` (float64) from one classifier pass: what a
+    paired comparison (:mod:`diffusion_accel.eval.paired`) and a bootstrap of FID-shapes need."""
+    prompts = list(prompts)
+    out = run_net(images, net)
+    dets = detections_from(out["cls"], out["size"])
+    if len(dets) != len(prompts):
+        raise ValueError(f"{len(dets)} images but {len(prompts)} prompts")
+    flags = [matches_prompt(d, parse_caption(p), check_size) for d, p in zip(dets, prompts, strict=True)]
+    return flags, out["features"].double().numpy()
+
+
 # ------------------------------------------------------------------------------------------------ FID-shapes
 def features(images: Any, net: ShapesNet | None = None) -> np.ndarray:
     """Penultimate 256-d features ``[N, 256]`` (float64)."""
