@@ -197,13 +197,21 @@ def _accelerated_class(cls: type) -> type:
 class AccelSession:
     """The methods attached to one pipeline, their hooks, the step context and the call statistics."""
 
-    def __init__(self, pipe: Any, adapter: ModelAdapter, configs: list[MethodConfig]) -> None:
+    def __init__(self, pipe: Any, adapter: ModelAdapter, configs: list[MethodConfig], *,
+                 expert: str | None = None, owner: AccelSession | None = None) -> None:
         self.pipe = pipe
         self.adapter = adapter
         self.configs = configs
+        #: The denoiser attribute this session hooks: the adapter's ``denoiser``, or one of its ``experts`` for the
+        #: sessions an owner creates so that each expert has its own method instances (and so its own caches).
+        self.expert = expert or adapter.denoiser
+        self.owner = owner
         self.methods: list[Method] = [config.build() for config in configs]
         self.context = StepContext()
-        self.resolver = TimestepResolver(adapter.timestep_scale)
+        # One resolver per pipeline call: every expert's forwards count in the same schedule and stages
+        self.resolver = owner.resolver if owner is not None else TimestepResolver(adapter.timestep_scale)
+        self.expert_sessions: list[AccelSession] = [] if owner is not None else [
+            AccelSession(pipe, adapter, configs, expert=name, owner=self) for name in adapter.experts]
         self.stats = CallStats(methods=[m.name for m in self.methods])
         self.last_stats: CallStats | None = None
         self.call_args: dict[str, Any] = {}
@@ -225,16 +233,21 @@ class AccelSession:
     # ------------------------------------------------------------------ properties
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.adapter.get_denoiser(self.pipe)
+        return self.adapter.get_denoiser(self.pipe, self.expert)
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
-        return self.adapter.get_blocks(self.pipe)
+        return self.adapter.get_blocks(self.pipe, self.expert)
+
+    @property
+    def call_sessions(self) -> list[AccelSession]:
+        """This session and its experts' sessions: everything one pipeline call drives."""
+        return [self, *self.expert_sessions]
 
     # ------------------------------------------------------------------ hooks
     def is_active(self) -> bool:
         """Whether this session's pipeline call is running (its hooks act only then)."""
-        return _ACTIVE_SESSION.get() is self
+        return _ACTIVE_SESSION.get() is (self.owner or self)
 
     def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> str:
         """Register ``hook`` on ``module``, gated to this session's calls; :meth:`detach` removes it again.
@@ -308,9 +321,24 @@ class AccelSession:
             self.denoiser._diffusers_hook.invalidate_child_registries_cache()
 
     def attach(self) -> None:
-        """Attach every method, then the context hook (outermost), then intercept pipeline calls."""
+        """Attach every method, then the context hook (outermost), on the denoiser and on every expert; then
+        intercept pipeline calls."""
+        try:
+            self._attach_hooks()
+            for session in self.expert_sessions:
+                session._attach_hooks()
+            self._original_class = type(self.pipe)
+            object.__setattr__(self.pipe, SESSION_ATTR, self)
+            object.__setattr__(self.pipe, "__class__", _accelerated_class(self._original_class))
+        except Exception:
+            self.detach()
+            raise
+        self.attached = True
+
+    def _attach_hooks(self) -> None:
         self._take_snapshot()
         _SESSIONS.setdefault(self.denoiser, []).append(self)
+        self.attached = True  # from here on detach() has something to undo
         try:
             self._keep_hooks_eager()
             if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
@@ -321,14 +349,10 @@ class AccelSession:
             for method in sorted(self.methods, key=lambda m: -m.priority):
                 self._attach_method(method)
             self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
-            self._original_class = type(self.pipe)
-            object.__setattr__(self.pipe, SESSION_ATTR, self)
-            object.__setattr__(self.pipe, "__class__", _accelerated_class(self._original_class))
             self._top_forward = self.denoiser.__dict__.get("forward")
         except Exception:
             self.detach()
             raise
-        self.attached = True
 
     def detach(self) -> None:
         """Remove every hook and change, leaving the pipeline exactly as before :meth:`attach`.
@@ -338,9 +362,15 @@ class AccelSession:
         if self._original_class is not None:
             object.__setattr__(self.pipe, "__class__", self._original_class)
             self._original_class = None
-        if SESSION_ATTR in self.pipe.__dict__:
+        if SESSION_ATTR in self.pipe.__dict__ and self.owner is None:
             object.__delattr__(self.pipe, SESSION_ATTR)
         errors: list[BaseException] = []
+        for session in reversed(self.expert_sessions):
+            if session.attached:
+                try:
+                    session.detach()
+                except Exception as exc:
+                    errors.append(exc)
         while self._undo:
             try:
                 self._undo.pop()()
@@ -416,7 +446,8 @@ class AccelSession:
             return original_call(pipe, *args, **kwargs)  # let the pipeline raise its own error
 
         def relinked_call(*call_args_: Any, **call_kwargs: Any) -> Any:
-            self._relink_after_accelerate()  # also between the calls a method makes per stage
+            for session in self.call_sessions:  # also between the calls a method makes per stage
+                session._relink_after_accelerate()
             return original_call(*call_args_, **call_kwargs)
 
         call = relinked_call
@@ -426,23 +457,31 @@ class AccelSession:
         token = _ACTIVE_SESSION.set(self)
         try:
             check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply
-            self._hoist_compiled_regions()
+            for session in self.call_sessions:
+                session._hoist_compiled_regions()
             self._dynamo.start()
-            self.begin_call(call_args)
+            for session in self.call_sessions:
+                session.begin_call(call_args)
             try:
                 return call(pipe, *args, **kwargs)
             finally:
                 self.stats.extra["compile"] = self._compile_report(self._dynamo.stop())
-                self.end_call()
+                for session in reversed(self.call_sessions):
+                    session.end_call()
         finally:
             _ACTIVE_SESSION.reset(token)
 
     def begin_call(self, call_args: dict[str, Any]) -> None:
+        """Reset per-call state. An expert's session shares its owner's step context, resolver and statistics (its
+        owner begins first), so steps, stages and counts cover every expert of the call."""
         self.call_args = call_args
-        previous = self.context.call_index
-        self.context = StepContext(call_index=previous + 1, cfg_mode=self.adapter.cfg_mode(call_args))
-        self.resolver.reset()
-        self.stats = CallStats(methods=[m.name for m in self.methods])
+        if self.owner is not None:
+            self.context, self.stats = self.owner.context, self.owner.stats
+        else:
+            previous = self.context.call_index
+            self.context = StepContext(call_index=previous + 1, cfg_mode=self.adapter.cfg_mode(call_args))
+            self.resolver.reset()
+            self.stats = CallStats(methods=[m.name for m in self.methods])
         HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
         for method in self.methods:
             method.on_call_begin(self)
@@ -450,6 +489,8 @@ class AccelSession:
     def end_call(self) -> None:
         for method in self.methods:
             method.on_call_end(self)
+        if self.owner is not None:
+            return  # the owner (ending last) finishes the shared statistics
         self._note_cache_memory()
         self.stats.finish()
         self.last_stats = self.stats
@@ -516,8 +557,9 @@ class AccelSession:
         )
         if new_schedule and self.resolver.schedules_seen > 1:
             ctx.stage += 1
-            for method in self.methods:
-                method.on_stage_begin(self)
+            for session in (self.owner or self).call_sessions:
+                for method in session.methods:
+                    method.on_stage_begin(session)
         if diffusers_context is not None and diffusers_context.step_index is not None:
             step = int(diffusers_context.step_index)
             num_steps = int(diffusers_context.num_inference_steps or num_steps)

@@ -31,8 +31,8 @@ class ModelAdapter:
         pipeline_classes: Diffusers pipeline class names this adapter covers.
         denoiser: attribute of the pipeline holding the denoiser (``"transformer"`` or ``"unet"``).
         experts: further denoiser attributes the pipeline switches to within a call (Wan 2.2's low-noise
-            ``transformer_2``). The adapter only matches pipelines where they are all set. Methods attach to
-            ``denoiser`` alone for now: steps run by another expert are not accelerated.
+            ``transformer_2``). The adapter only matches pipelines where they are all set. Every expert gets its own
+            instance of each method (a cache belongs to the expert that filled it) under the pipeline's one call.
         block_lists: attribute names of the denoiser's ``ModuleList`` s of transformer blocks, in execution order.
             Flux's dual- and single-stream lists form one ordered range. Empty for UNets.
         cfg_layout: how the pipeline evaluates CFG: ``"batched"`` (one forward on a concatenated batch),
@@ -89,14 +89,16 @@ class ModelAdapter:
         return None
 
     # ------------------------------------------------------------------ queries on a live pipeline
-    def get_denoiser(self, pipe: Any) -> torch.nn.Module:
-        denoiser = getattr(pipe, self.denoiser)
+    def get_denoiser(self, pipe: Any, attr: str | None = None) -> torch.nn.Module:
+        """The denoiser (or, with ``attr``, one of the :attr:`experts`)."""
+        denoiser = getattr(pipe, attr or self.denoiser)
         # `pipe.transformer = torch.compile(pipe.transformer)` wraps it; hooks belong on the module it wraps
         return getattr(denoiser, "_orig_mod", denoiser)
 
-    def get_blocks(self, pipe: Any) -> list[torch.nn.Module]:
-        """All transformer blocks of the denoiser, in execution order (one flat list across ``block_lists``)."""
-        denoiser = self.get_denoiser(pipe)
+    def get_blocks(self, pipe: Any, attr: str | None = None) -> list[torch.nn.Module]:
+        """All transformer blocks of the denoiser (or expert ``attr``), in execution order (one flat list across
+        ``block_lists``)."""
+        denoiser = self.get_denoiser(pipe, attr)
         blocks: list[torch.nn.Module] = []
         for name in self.block_lists:
             blocks.extend(getattr(denoiser, name, None) or [])
