@@ -7,8 +7,8 @@ quality tier, over the timing call on the speed tier), ``nfe``, ``psnr_vs_baseli
 JSON file, a Markdown table, a Pareto plot and an image grid.
 
 Adherence is compared in pairs (the same prompt and seed in both runs): prompts lost, prompts gained and the paired
-difference with its conditional exact (McNemar / Clopper-Pearson) 95 % interval; FID-shapes gets a percentile
-bootstrap interval over images (:mod:`diffusion_accel.eval.paired`). Per-image verdicts are kept in the JSON.
+difference with Newcombe's hybrid score 95 % interval for paired proportions and the exact McNemar p-value;
+FID-shapes gets a bias-shifted percentile bootstrap interval over images (:mod:`diffusion_accel.eval.paired`). Per-image verdicts are kept in the JSON.
 On the quality tier the baseline's images, verdicts and features are cached between runs of the same settings
 (:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size, versions).
 """
@@ -246,7 +246,9 @@ def _file_digest(path: Path) -> str:
         if stat.st_size > 256 << 20:
             _FILE_HASHES[memo] = f"size={stat.st_size}:mtime={stat.st_mtime_ns}"
         else:
-            _FILE_HASHES[memo] = hashlib.sha256(path.read_bytes()).hexdigest()
+            from .eval.inception import sha256_file
+
+            _FILE_HASHES[memo] = sha256_file(path)
     return _FILE_HASHES[memo]
 
 
@@ -267,12 +269,12 @@ def pipeline_fingerprint(pipeline: str, pipe: Any) -> Any:
         folder = Path(pipeline)
     if folder is not None:
         return {"name": pipeline, "files": _folder_digest(folder)}
+    from .eval.inception import state_dict_sha256
+
     digest = hashlib.sha256()
     for name, component in sorted(getattr(pipe, "components", {}).items()):
         if isinstance(component, torch.nn.Module):
-            for key, tensor in component.state_dict().items():
-                digest.update(f"{name}.{key}".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(f"{name}|{state_dict_sha256(component.state_dict())}".encode())
         elif hasattr(component, "config"):
             digest.update(json.dumps(dict(component.config), sort_keys=True, default=str).encode())
     return {"name": pipeline, "parameters": digest.hexdigest()}
