@@ -8,9 +8,10 @@ JSON file, a Markdown table, a Pareto plot and an image grid.
 
 Adherence is compared in pairs (the same prompt and seed in both runs): prompts lost, prompts gained and the paired
 difference with Newcombe's hybrid score 95 % interval for paired proportions and the exact McNemar p-value;
-FID-shapes gets a bias-shifted percentile bootstrap interval over images (:mod:`diffusion_accel.eval.paired`). Per-image verdicts are kept in the JSON.
-On the quality tier the baseline's images, verdicts and features are cached between runs of the same settings
-(:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size, versions).
+FID-shapes gets a bias-shifted percentile bootstrap interval over images (:mod:`diffusion_accel.eval.paired`).
+Per-image verdicts are kept in the JSON. On the quality tier the baseline's images, verdicts and features are cached
+between runs of the same settings (:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size,
+versions).
 """
 
 from __future__ import annotations
