@@ -21,7 +21,7 @@ adapter supplies the block class names, so ``compile_repeated_blocks`` works on 
 
 from __future__ import annotations
 
-import sys
+import importlib
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +79,9 @@ def mark_eager(module_name: str) -> None:
     and frames they call (the model's forwards) are compiled again. Idempotent."""
     if module_name in _MARKED:
         return
-    module = sys.modules[module_name]
+    # our own modules: import one not loaded yet (e.g. diffusion_accel.blocks before any block method ran), so that
+    # what it defines is marked before a compiled frame can reach it
+    module = importlib.import_module(module_name)
     from torch._dynamo.eval_frame import skip_code
 
     seen: set[int] = set()
