@@ -134,10 +134,10 @@ def build_error() -> str | None:
 
 def fix_hint() -> str:
     """What would make the kernel available here, for the reason :func:`build_error` gives."""
-    reason = build_error() or ""
+    reason = unsupported_reason()
     if reason == _DISABLED:
         return "unset DIFFUSION_ACCEL_NO_CPU_KERNEL"
-    if reason.startswith("the C++ kernel is written and tested for x86-64 only"):
+    if reason is not None:
         return "none on this architecture: compiled FlexAttention is its CPU backend"
     return FIX_HINT
 
