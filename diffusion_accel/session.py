@@ -336,23 +336,20 @@ class AccelSession:
         self.attached = True
 
     def _attach_hooks(self) -> None:
+        """This session's hooks on its denoiser; on failure :meth:`attach` detaches whatever was registered."""
         self._take_snapshot()
         _SESSIONS.setdefault(self.denoiser, []).append(self)
         self.attached = True  # from here on detach() has something to undo
-        try:
-            self._keep_hooks_eager()
-            if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
-                denoiser = self.denoiser
-                self._undo.append(lambda: denoiser.__dict__.pop("_repeated_blocks", None))
-            for index, block in enumerate(self.blocks):
-                self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
-            for method in sorted(self.methods, key=lambda m: -m.priority):
-                self._attach_method(method)
-            self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
-            self._top_forward = self.denoiser.__dict__.get("forward")
-        except Exception:
-            self.detach()
-            raise
+        self._keep_hooks_eager()
+        if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
+            denoiser = self.denoiser
+            self._undo.append(lambda: denoiser.__dict__.pop("_repeated_blocks", None))
+        for index, block in enumerate(self.blocks):
+            self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
+        for method in sorted(self.methods, key=lambda m: -m.priority):
+            self._attach_method(method)
+        self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
+        self._top_forward = self.denoiser.__dict__.get("forward")
 
     def detach(self) -> None:
         """Remove every hook and change, leaving the pipeline exactly as before :meth:`attach`.
