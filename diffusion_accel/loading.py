@@ -42,7 +42,7 @@ def _supply_repeated_blocks(pipe: Any) -> Any:
         adapter = find_adapter(pipe)
     except ValueError:
         return pipe
-    denoiser = getattr(pipe, adapter.denoiser, None)
+    denoiser = adapter.get_denoiser(pipe)
     if isinstance(denoiser, torch.nn.Module):
         ensure_repeated_blocks(denoiser, adapter)
     return pipe
