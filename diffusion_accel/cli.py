@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
+    from .train.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     _add_optional_parsers(sub)
     return parser
 

@@ -8,7 +8,11 @@ from typing import Any
 from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
-__all__ = ["TESTBED_NAMES", "asset_dir_name", "default_call_kwargs", "testbed_path"]
+__all__ = ["STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name", "default_call_kwargs", "testbed_path"]
+
+#: Students distilled from a testbed pipeline (``diffusion-accel train``): name → the recipe that made them. Each
+#: folder carries its own sampler contract (scheduler, steps, guidance off).
+STUDENT_NAMES: dict[str, str] = {"pixart-lcm": "lcd", "pixart-rglcd": "rglcd"}
 
 
 def asset_dir_name(name: str) -> str:
@@ -18,14 +22,18 @@ def asset_dir_name(name: str) -> str:
 
 
 def _check(name: str) -> None:
-    if name not in TESTBED_NAMES:
-        raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join(TESTBED_NAMES)}.")
+    if name not in TESTBED_NAMES and name not in STUDENT_NAMES:
+        raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join((*TESTBED_NAMES, *STUDENT_NAMES))}.")
 
 
 def testbed_path(name: str) -> Path:
     """Folder of the shipped pipeline ``name`` (``assets/testbed-<name>``); a clear error when it is missing."""
     _check(name)
     path = assets_root() / asset_dir_name(name)
+    if not (path / "model_index.json").exists() and name in STUDENT_NAMES:
+        raise FileNotFoundError(
+            f"The distilled student {name!r} is not in {path}. Train it with `diffusion-accel train "
+            f"{STUDENT_NAMES[name]} --config configs/train/{name}.yaml` (see the README's trainers section).")
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(
             f"The testbed pipeline {name!r} is not in {path}. Train it with "
@@ -39,4 +47,9 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
     """A copy of the default call arguments of testbed ``name`` (64x64, default steps and guidance): its sampler
     contract, which the shipped checkpoint also carries in ``model_index.json``."""
     _check(name)
+    if name in STUDENT_NAMES:
+        import json
+
+        index = json.loads((testbed_path(name) / "model_index.json").read_text())
+        return dict(index.get("sampler_contract") or {})
     return dict(SAMPLER_CONTRACTS[name])

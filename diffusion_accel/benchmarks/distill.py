@@ -1,0 +1,253 @@
+"""Distilled students against their teacher on the testbed: ``python -m diffusion_accel.benchmarks.distill``.
+
+Rows: the teacher at its contract (20 DPM-Solver++ steps with CFG: the reference), the teacher at 8/4/2 steps (the
+honest baseline: fewer steps of the same model), the teacher at 4 steps with the students' ``LCMScheduler`` (to
+separate the scheduler from the distillation), the LCD student at 4/2/1 steps, the LCD student at 4 steps with
+Δ-cache's ``pixart-lcm-4`` preset, and the RG-LCD student at 4/2 steps. All rows sample the same held-out prompts
+with the same seeds.
+
+Columns: denoiser MACs per image relative to the reference (counted by ``torch.utils.flop_counter``), wall-clock
+speed-up (median of interleaved repeats in this process), prompt adherence by the reward classifier (shapes-net)
+*and* by the independent judge (another architecture, seed and training data), the paired difference to the
+reference (Newcombe interval), FID-shapes with its bootstrap interval, and PSNR to the reference image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Row:
+    label: str
+    pipeline: str  # key into the loaded pipelines
+    call: dict[str, Any]
+    method: dict[str, Any] | None = None  # diffusion_accel.accelerated(pipe, **method)
+    scheduler: str | None = None  # "lcm": swap in an LCMScheduler built from the pipeline's config
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_rows(have_rglcd: bool) -> list[Row]:
+    rows = [Row("teacher 20 steps, CFG (reference)", "teacher", {"num_inference_steps": 20})]
+    rows += [Row(f"teacher {n} steps, CFG", "teacher", {"num_inference_steps": n}) for n in (8, 4, 2)]
+    rows.append(Row("teacher 4 steps, CFG, LCMScheduler", "teacher", {"num_inference_steps": 4}, scheduler="lcm",
+                    note="scheduler-only control"))
+    rows += [Row(f"LCD {n} steps", "lcd", {"num_inference_steps": n}) for n in (4, 2, 1)]
+    rows.append(Row("LCD 4 steps + Δ-cache pixart-lcm-4", "lcd", {"num_inference_steps": 4},
+                    method={"method": "delta_cache", "preset": "pixart-lcm-4"}))
+    if have_rglcd:
+        rows += [Row(f"RG-LCD {n} steps", "rglcd", {"num_inference_steps": n}) for n in (4, 2)]
+    return rows
+
+
+def _lcm_scheduler(pipe: Any) -> Any:
+    from diffusers import LCMScheduler
+
+    cfg = pipe.scheduler.config
+    return LCMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                        beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
+                        original_inference_steps=50)
+
+
+class _Swapped:
+    """Context: ``pipe.scheduler`` replaced for the row (restored on exit)."""
+
+    def __init__(self, pipe: Any, scheduler: Any):
+        self.pipe, self.scheduler, self.saved = pipe, scheduler, None
+
+    def __enter__(self):
+        self.saved = self.pipe.scheduler
+        self.pipe.scheduler = self.scheduler
+        return self.pipe
+
+    def __exit__(self, *exc):
+        self.pipe.scheduler = self.saved
+
+
+def _row_context(pipe: Any, row: Row):
+    import contextlib
+
+    import diffusion_accel as da
+
+    stack = contextlib.ExitStack()
+    if row.scheduler == "lcm":
+        stack.enter_context(_Swapped(pipe, _lcm_scheduler(pipe)))
+    if row.method is not None:
+        method = dict(row.method)
+        stack.enter_context(da.accelerated(pipe, method.pop("method"), **method))
+    return stack
+
+
+def _generate(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    images = pipe(prompt=prompts, generator=gens, output_type="np", **row.call).images
+    return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
+
+
+def denoiser_macs(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> float:
+    """Denoiser MACs per image of one call (FLOPs / 2 by ``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with _row_context(pipe, row), counter:
+        _generate(pipe, row, prompts, seeds)
+    counts = counter.get_flop_counts().get(type(pipe.transformer).__name__, {})
+    return sum(counts.values()) / 2.0 / len(prompts)
+
+
+def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "testbed:pixart-lcm",
+        rglcd: str | None = "testbed:pixart-rglcd", repeats: int = 3, timing_batch: int = 8, batch: int = 16,
+        fid_resamples: int = 200) -> dict[str, Any]:
+    from ..eval.fidelity import psnr
+    from ..eval.paired import claim_within, fid_bootstrap, paired_summary
+    from ..loading import load_pipeline
+    from ..pipelines.testbed.shapes import heldout_prompts
+    from ..pipelines.testbed.shapes_net import adherence_per_image, load_real_statistics, verdicts_and_features
+
+    pipes = {"teacher": load_pipeline(teacher), "lcd": load_pipeline(lcd)}
+    rglcd_error = None
+    if rglcd:
+        try:
+            pipes["rglcd"] = load_pipeline(rglcd)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            rglcd_error = str(exc)
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    rows = default_rows("rglcd" in pipes)
+    prompts = list(heldout_prompts())[:prompts_count]
+    seeds = list(range(len(prompts)))
+    judge = _load_judge()
+
+    images: dict[str, np.ndarray] = {}
+    macs: dict[str, float] = {}
+    for row in rows:
+        pipe = pipes[row.pipeline]
+        chunks = []
+        for i in range(0, len(prompts), batch):
+            with _row_context(pipe, row):
+                chunks.append(_generate(pipe, row, prompts[i:i + batch], seeds[i:i + batch]))
+        images[row.label] = np.concatenate(chunks)
+        macs[row.label] = denoiser_macs(pipe, row, prompts[:2], seeds[:2])
+        print(f"generated {row.label}", flush=True)
+
+    times: dict[str, list[float]] = {row.label: [] for row in rows}
+    for _ in range(repeats):  # interleaved: every row once per round, so drift hits all rows alike
+        for row in rows:
+            pipe = pipes[row.pipeline]
+            with _row_context(pipe, row):
+                start = time.perf_counter()
+                _generate(pipe, row, prompts[:timing_batch], seeds[:timing_batch])
+                times[row.label].append(time.perf_counter() - start)
+
+    ref = rows[0].label
+    mu, sigma = load_real_statistics()
+    ref_flags, ref_feats = verdicts_and_features(list(images[ref]), prompts)
+    ref_judge = adherence_per_image(list(images[ref]), prompts, net=judge) if judge is not None else None
+    ref_wall = float(np.median(times[ref]))
+    report_rows = []
+    for row in rows:
+        flags, feats = verdicts_and_features(list(images[row.label]), prompts)
+        fid = fid_bootstrap(feats, mu, sigma, None if row.label == ref else ref_feats, resamples=fid_resamples)
+        entry: dict[str, Any] = {
+            "label": row.label, "call": row.call, "note": row.note,
+            "macs_per_image": macs[row.label], "macs_ratio": macs[ref] / macs[row.label],
+            "wall_median_s": float(np.median(times[row.label])),
+            "speedup_wall": ref_wall / float(np.median(times[row.label])),
+            "adherence_shapes_net": float(np.mean(flags)), "adherence_shapes_net_paired": paired_summary(ref_flags,
+                                                                                                          flags),
+            "fid_shapes": fid.pop("fid"), "fid_shapes_interval": fid,
+            "psnr_to_reference": None if row.label == ref else psnr(images[row.label], images[ref]),
+        }
+        if judge is not None:
+            jflags = adherence_per_image(list(images[row.label]), prompts, net=judge)
+            entry["adherence_judge"] = float(np.mean(jflags))
+            entry["adherence_judge_paired"] = paired_summary(ref_judge, jflags)
+            entry["judges_agree"] = float(np.mean(np.asarray(jflags) == np.asarray(flags)))
+        report_rows.append(entry)
+
+    by = {r["label"]: r for r in report_rows}
+    judge_key = "adherence_judge" if judge is not None else "adherence_shapes_net"
+    lcd4, t2 = by["LCD 4 steps"], by["teacher 2 steps, CFG"]
+    claims = {
+        "lcd4_adherence_within_3_points_of_reference":
+            claim_within(lcd4["adherence_shapes_net_paired"]["ci_low"], 0.03),
+        "lcd4_adherence_point_difference": lcd4["adherence_shapes_net_paired"]["difference"],
+        "lcd4_fid_within_25_percent": lcd4["fid_shapes"] <= 1.25 * by[ref]["fid_shapes"],
+        "lcd4_macs_ratio_at_least_9": lcd4["macs_ratio"] >= 9.0,
+        "lcd4_beats_teacher_at_same_passes (teacher 2 steps CFG = 4 passes)": {
+            "adherence": lcd4[judge_key] - t2[judge_key], "fid": t2["fid_shapes"] - lcd4["fid_shapes"]},
+    }
+    if "RG-LCD 2 steps" in by and judge is not None:
+        claims["rglcd2_judge_adherence_at_least_lcd4"] = by["RG-LCD 2 steps"]["adherence_judge"] >= \
+            lcd4["adherence_judge"]
+    return {"benchmark": "distill", "teacher": teacher, "students": {"lcd": lcd, "rglcd": rglcd},
+            "rglcd_unavailable": rglcd_error, "judge": "shapes-judge" if judge is not None else None,
+            "num_prompts": len(prompts), "repeats": repeats, "timing_batch": timing_batch,
+            "threads": torch.get_num_threads(), "rows": report_rows, "claims": claims}
+
+
+def _load_judge():
+    """The independent judge (``assets/shapes-judge``), or ``None`` when it is not installed."""
+    try:
+        from ..pipelines.testbed.shapes_net import assets_root, load_shapes_net
+
+        path = assets_root() / "shapes-judge"
+        return load_shapes_net(path) if path.exists() else None
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    judge = report["judge"] is not None
+    head = ["row", "MACs ratio", "wall ratio", "adherence (shapes-net)", "Δ vs ref [95% CI]"]
+    if judge:
+        head += ["adherence (judge)", "Δ vs ref [95% CI]"]
+    head += ["FID-shapes", "PSNR to ref"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def diff(p: dict[str, Any]) -> str:
+        return f"{100 * p['difference']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
+
+    for r in report["rows"]:
+        cells = [r["label"], f"{r['macs_ratio']:.2f}x", f"{r['speedup_wall']:.2f}x",
+                 f"{100 * r['adherence_shapes_net']:.1f}%", diff(r["adherence_shapes_net_paired"])]
+        if judge:
+            cells += [f"{100 * r['adherence_judge']:.1f}%", diff(r["adherence_judge_paired"])]
+        cells += [f"{r['fid_shapes']:.1f}", "—" if r["psnr_to_reference"] is None else f"{r['psnr_to_reference']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusion_accel.benchmarks.distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (one seed each)")
+    parser.add_argument("--teacher", default="testbed:pixart")
+    parser.add_argument("--lcd", default="testbed:pixart-lcm")
+    parser.add_argument("--rglcd", default="testbed:pixart-rglcd", help="'' to leave the RG-LCD rows out")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing-batch", type=int, default=8)
+    parser.add_argument("--out", default="docs/results/distill")
+    args = parser.parse_args(argv)
+    report = run(args.prompts, args.teacher, args.lcd, args.rglcd or None, args.repeats, args.timing_batch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report)
+    (out / "distill.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "distill.md").write_text(table + "\n")
+    print(table)
+    print(json.dumps(report["claims"], indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""LCD / RG-LCD: the consistency math, the saved student (full weights and LoRA), multi-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_accel.train import train
+from diffusion_accel.train.latent_reward import LatentRewardModel, pairwise_kl
+from diffusion_accel.train.lcd import FlowODE, boundary_scalings, huber
+
+TINY_PIXART = dict(pretrained_teacher_model="tiny:pixart_alpha", guidance_scale=4.0, resolution=32,
+                   num_train_samples=32, train_batch_size=4, validation_steps=0, checkpointing_steps=0)
+
+
+def test_boundary_condition_and_huber():
+    c_skip, c_out = boundary_scalings(torch.tensor([0.0, 19.0, 999.0]))
+    assert c_skip[0] == 1 and c_out[0] == 0  # f(x, 0) = x
+    assert c_skip[1] < 1e-3 and c_out[1] > 0.999  # ≈ the x0 prediction for every grid timestep
+    x = torch.randn(8)
+    assert huber(x, x, 1e-3) == 0 and huber(x, x + 1, 1e-3) > 0.99
+
+
+def test_epsilon_solver_step_is_exact_for_the_true_noise():
+    """With the true ε (and no guidance), the DDIM skipping step lands exactly on the noised latent at t_n."""
+    from diffusion_accel.train.lcd import EpsilonODE
+
+    class Fam:
+        @staticmethod
+        def alphas_cumprod():
+            return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+
+    ode = EpsilonODE(Fam(), 50, torch.device("cpu"))
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t_from, t_to = ode.times(torch.tensor([49, 10, 0]))
+    assert t_from.tolist() == [999, 219, 19] and t_to.tolist() == [979, 199, 0]
+    x = ode.noise(x0, eps, t_from)
+    torch.testing.assert_close(ode.solver_step(x, eps, eps, t_from, t_to, 3.5), ode.noise(x0, eps, t_to))
+    torch.testing.assert_close(ode.x0_from(x, eps, t_from), x0, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_solver_step_follows_the_straight_path():
+    ode = FlowODE(None, 20, torch.device("cpu"))
+    x0, eps = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    s_from, s_to = ode.times(torch.tensor([19, 3]))
+    v = eps - x0
+    torch.testing.assert_close(ode.solver_step(ode.noise(x0, eps, s_from), v, v, s_from, s_to, 2.0),
+                               ode.noise(x0, eps, s_to))
+    torch.testing.assert_close(ode.consistency(ode.noise(x0, eps, s_from), v, s_from), x0)
+
+
+def test_pairwise_kl_is_zero_when_the_proxy_ranks_like_the_expert():
+    expert = torch.randn(5, 3)
+    assert pairwise_kl(expert, expert.clone()) < 1e-6
+    assert pairwise_kl(expert, -expert) > 0.01
+    lrm = LatentRewardModel(4, 32)
+    scores = lrm(torch.randn(2, 4, 16, 16), torch.randn(2, 32))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_full_weight_student_loads_as_the_real_pipeline_class(tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler, PixArtAlphaPipeline
+
+    out = tmp_path / "student"
+    record = train("lcd", output_dir=str(out), max_train_steps=2, num_inference_steps=2, **TINY_PIXART)
+    assert record["scheduler"] == "LCMScheduler" and record["sampler_contract"]["guidance_scale"] == 1.0
+    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    assert isinstance(pipe, PixArtAlphaPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == 50
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    image = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and len(calls) == 2  # 2 steps, one pass each (no CFG)
+    assert (out / "validation").is_dir() and any((out / "validation").iterdir())
+
+
+def test_flux_lora_student_both_loading_paths_agree(tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import FlowMatchLCMScheduler
+
+    from diffusion_accel.loading import load_pipeline
+
+    out = tmp_path / "flux-lcm"
+    train("lcd", output_dir=str(out), pretrained_teacher_model="tiny:flux", guidance_scale=4.0, resolution=32,
+          num_train_samples=16, train_batch_size=2, max_train_steps=2, use_lora=True, lora_rank=4,
+          learning_rate=1e-2, validation_steps=0, checkpointing_steps=0)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    call = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+                output_type="np")
+    plain = load_pipeline(str(out))
+    assert isinstance(plain.scheduler, FlowMatchLCMScheduler)
+    teacher = load_pipeline("tiny:flux")
+    untouched = teacher(**call, generator=torch.Generator().manual_seed(0)).images
+    teacher.load_lora_weights(str(out))
+    teacher.scheduler = FlowMatchLCMScheduler.from_config(teacher.scheduler.config)
+    for p in (plain, teacher):
+        p.set_progress_bar_config(disable=True)
+
+    def sample(pipe):
+        # FluxPipeline does not pass its generator to scheduler.step, and FlowMatchLCMScheduler re-noises from
+        # the global RNG: seed both
+        torch.manual_seed(0)
+        return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    a, b = sample(plain), sample(teacher)
+    assert abs(a - b).max() < 1e-4
+    teacher.unload_lora_weights()
+    assert abs(sample(teacher) - a).max() > 1e-3
+    del untouched
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not on PATH")
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo; accelerate 1.15's ``--cpu`` starts one
+    process) with per-process batch 2 == 1 process with batch 4: same
+    weights and the same LR schedule length (the schedule is stepped once per optimizer step)."""
+    args = ["--pretrained_teacher_model", "tiny:pixart_alpha", "--guidance_scale", "4.0", "--resolution", "32",
+            "--num_train_samples", "32", "--max_train_steps", "4", "--lr_scheduler", "constant_with_warmup",
+            "--learning_rate", "1e-3", "--lr_warmup_steps", "8", "--validation_steps", "0",
+            "--checkpointing_steps", "0", "--ship_weights", "online"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "4",
+                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_accel.train", "lcd",
+                          *args, "--train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stdout + two.stderr
+    m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
+    assert m2["num_processes"] == 2 and m1["global_batch"] == m2["global_batch"] == 4
+    assert m1["final_logs"]["lr"] == m2["final_logs"]["lr"]  # half-way through warm-up, not at its end
+    a = load_file(str(tmp_path / "one" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
