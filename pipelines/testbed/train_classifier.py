@@ -152,10 +152,19 @@ def train_shapes_judge(output_dir: str | Path, seed: int = 0, minutes: float | N
 def judge_agreement(judge: torch.nn.Module, names: tuple[str, ...] = ("pixart",), num_prompts: int = 64,
                     seed: int = 0) -> dict[str, Any]:
     """Adherence by shapes-net and by ``judge`` on each shipped testbed pipeline's images of the held-out prompts
-    (``evaluate.generate``, default call arguments), and the fraction of prompts where the two verdicts agree."""
+    (``evaluate.generate``, default call arguments), and the fraction of prompts where the two verdicts agree.
+    Also how :func:`~.reward.prompt_reward` ranks the images: ``reward_auc_*`` is the probability that an image the
+    net passes gets a higher reward (from the same net) than one it fails."""
     from .evaluate import generate, load
+    from .reward import prompt_reward
     from .shapes import heldout_prompts
     from .shapes_net import adherence
+
+    def reward_auc(rewards: np.ndarray, flags: list[bool]) -> float | None:
+        good, bad = rewards[np.asarray(flags)], rewards[~np.asarray(flags)]
+        if not len(good) or not len(bad):
+            return None
+        return float(np.mean((good[:, None] > bad[None, :]) + 0.5 * (good[:, None] == bad[None, :])))
 
     prompts = list(heldout_prompts())[:num_prompts]
     result: dict[str, Any] = {}
@@ -164,11 +173,19 @@ def judge_agreement(judge: torch.nn.Module, names: tuple[str, ...] = ("pixart",)
         net_score, net_flags = adherence(images, prompts, net="shapes-net", return_per_image=True)
         judge_score, judge_flags = adherence(images, prompts, net=judge, return_per_image=True)
         agree = [a == b for a, b in zip(net_flags, judge_flags, strict=True)]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():
+            r_net = prompt_reward("shapes-net", x, prompts).numpy()
+            r_judge = prompt_reward(judge, x, prompts).numpy()
         result[name] = {"num_prompts": len(prompts), "seed": seed, "adherence_shapes_net": net_score,
                         "adherence_shapes_judge": judge_score, "verdict_agreement": float(np.mean(agree)),
                         "both_pass": int(sum(a and b for a, b in zip(net_flags, judge_flags, strict=True))),
                         "only_shapes_net": int(sum(a and not b for a, b in zip(net_flags, judge_flags, strict=True))),
                         "only_shapes_judge": int(sum(b and not a
-                                                     for a, b in zip(net_flags, judge_flags, strict=True)))}
+                                                     for a, b in zip(net_flags, judge_flags, strict=True))),
+                        "reward_auc_shapes_net": reward_auc(r_net, net_flags),
+                        "reward_auc_shapes_judge": reward_auc(r_judge, judge_flags),
+                        "mean_reward_shapes_net": float(r_net.mean()),
+                        "mean_reward_shapes_judge": float(r_judge.mean())}
         log(f"judge agreement {name}: {result[name]}")
     return result
