@@ -13,7 +13,7 @@ from .train import TRAIN_NAMES
 def _default_output(name: str) -> Path:
     from .shapes_net import assets_root
 
-    return assets_root() / ("shapes-net" if name == "shapes-net" else f"testbed-{name}")
+    return assets_root() / (name if name in ("shapes-net", "shapes-judge") else f"testbed-{name}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def add_testbed_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
-    tr = sub.add_parser("train", help="train a testbed model (shapes-net, vae, pixart, flow)")
+    tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, pixart, flow)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder)")
     tr.add_argument("--minutes", type=float, default=None,

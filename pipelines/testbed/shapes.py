@@ -47,7 +47,9 @@ SIZE_WORDS: tuple[str, ...] = ("small", "large")
 DIRECTIONS: dict[str, tuple[float, float]] = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0),
                                               "down": (0.0, 1.0)}
 
-SPLITS: dict[str, int] = {"train": 1, "val": 2, "heldout": 3, "video": 4, "test": 5}
+#: Split → stream code. "judge" holds the training images of the independent classifier ``shapes-judge`` (disjoint
+#: from shapes-net's "train" images and from every evaluation split).
+SPLITS: dict[str, int] = {"train": 1, "val": 2, "heldout": 3, "video": 4, "test": 5, "judge": 6}
 NUM_HELDOUT = 64
 _SUPERSAMPLE = 4
 _CELL = IMAGE_SIZE / GRID

@@ -4,6 +4,11 @@ The network predicts, for each of the 3x3 grid cells, which object has its centr
 8 colours x 3 shapes) and the object's size class. That is exactly what a caption of the grammar in
 :mod:`.shapes` can say, so :func:`adherence` checks a generated image against its prompt, and the 256-d penultimate
 features give :func:`fid_shapes`, a Fréchet distance in a feature space that knows the data.
+
+A second, independent classifier, ``shapes-judge`` (:class:`ShapesJudge`: residual GroupNorm blocks, another seed
+and other training images), has the same output contract; :data:`JUDGES` names both, and every function here that
+takes ``net`` also takes a judge's name (``adherence(images, prompts, net="shapes-judge")``), so a model optimised
+against shapes-net (a reward, :mod:`.reward`) can be checked by a classifier it never saw.
 """
 
 from __future__ import annotations
@@ -78,6 +83,81 @@ class ShapesNet(nn.Module):
         }
 
 
+class _ResBlock(nn.Module):
+    """Pre-activation residual block: GroupNorm → SiLU → conv ×2, plus the (1x1-projected) input."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, groups: int = 8):
+        super().__init__()
+        pad = kernel // 2
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin), nn.Conv2d(cin, cout, kernel, 1, pad)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout), nn.Conv2d(cout, cout, kernel, 1, pad)
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class ShapesJudge(nn.Module):
+    """The independent judge: same contract as :class:`ShapesNet` (``cls [B, 9, 25]``, ``size [B, 9, 3]``,
+    ``features [B, feature_dim]``), different design: a 4x4 patchify stem (stride 4, no BatchNorm anywhere),
+    pre-activation residual blocks with GroupNorm/SiLU and 5x5 kernels at 16x16, average-pool downsampling, and
+    per-cell average + max pooling to the 3x3 grid."""
+
+    def __init__(self, width: int = 48, feature_dim: int = 192):
+        super().__init__()
+        w = width
+        self.stem = nn.Conv2d(3, w, 4, 4)  # 16x16 patches of 4x4 pixels
+        self.stage1 = nn.Sequential(_ResBlock(w, w, kernel=5), _ResBlock(w, w, kernel=3))  # 16x16
+        self.down = nn.AvgPool2d(2)
+        self.stage2 = nn.Sequential(_ResBlock(w, 2 * w), _ResBlock(2 * w, 2 * w))  # 8x8
+        self.norm = nn.GroupNorm(8, 2 * w)
+        self.avg, self.max = nn.AdaptiveAvgPool2d(GRID), nn.AdaptiveMaxPool2d(GRID)
+        cell_dim = 4 * w * NUM_CELLS
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(cell_dim, feature_dim), nn.SiLU())
+        self.cls_head = nn.Linear(feature_dim + cell_dim, NUM_CELLS * NUM_CLASSES)
+        self.size_head = nn.Linear(feature_dim + cell_dim, NUM_CELLS * len(SIZE_NAMES))
+        self.width, self.feature_dim = width, feature_dim
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images``: float ``[B, 3, 64, 64]`` in [0, 1]."""
+        x = self.stem(images * 2.0 - 1.0)
+        x = self.stage2(self.down(self.stage1(x)))
+        x = torch.nn.functional.silu(self.norm(x))
+        cells = torch.cat([self.avg(x), self.max(x)], dim=1).flatten(1)
+        features = self.embed(cells)
+        both = torch.cat([features, cells], dim=1)
+        batch = images.shape[0]
+        return {
+            "cls": self.cls_head(both).view(batch, NUM_CELLS, NUM_CLASSES),
+            "size": self.size_head(both).view(batch, NUM_CELLS, len(SIZE_NAMES)),
+            "features": features,
+        }
+
+
+#: ``config["architecture"]`` → classifier class; a config without the key is a :class:`ShapesNet`.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"shapes-net": ShapesNet, "shapes-judge": ShapesJudge}
+
+
+def architecture_of(model: nn.Module) -> str:
+    """The registered architecture name of ``model``."""
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not a registered classifier architecture ({sorted(ARCHITECTURES)})")
+
+
+def build_classifier(config: dict[str, Any]) -> nn.Module:
+    """An untrained classifier of ``config["architecture"]`` (default ``"shapes-net"``) with the config's sizes."""
+    name = config.get("architecture", "shapes-net")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"Unknown classifier architecture {name!r} in config.json; known: "
+                         f"{', '.join(sorted(ARCHITECTURES))}.")
+    return ARCHITECTURES[name](width=config["width"], feature_dim=config["feature_dim"])
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def assets_root() -> Path:
     """The installed data package ``diffusion_accel.assets`` (falls back to the repository's ``assets/``)."""
@@ -94,22 +174,35 @@ def default_path() -> Path:
     return assets_root() / "shapes-net"
 
 
-def save_shapes_net(model: ShapesNet, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` and ``config.json`` to ``path``."""
+def judge_path(name: str) -> Path:
+    """The shipped folder of judge ``name`` (a key of :data:`JUDGES`)."""
+    if name not in JUDGES:
+        raise ValueError(f"Unknown judge {name!r}; choose one of {', '.join(JUDGES)}.")
+    return assets_root() / JUDGES[name]
+
+
+def save_shapes_net(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (with ``"architecture"``) to ``path``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE))
-    config = {"width": model.body[0][0].out_channels, "feature_dim": model.embed[1].out_features,
-              "image_size": IMAGE_SIZE, "colours": list(COLOUR_NAMES), "shapes": list(SHAPES),
+    if isinstance(model, ShapesNet):
+        width = model.body[0][0].out_channels
+    else:
+        width = model.width
+    config = {"architecture": architecture_of(model), "width": width,
+              "feature_dim": model.embed[1].out_features, "image_size": IMAGE_SIZE,
+              "colours": list(COLOUR_NAMES), "shapes": list(SHAPES),
               "sizes": list(SIZE_NAMES), "grid": GRID, **(extra or {})}
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
-def load_shapes_net(path: str | Path | None = None) -> ShapesNet:
-    """Load the shipped classifier (``assets/shapes-net``) or one at ``path``, in eval mode."""
+def load_shapes_net(path: str | Path | None = None) -> nn.Module:
+    """Load the shipped classifier (``assets/shapes-net``) or one at ``path``, in eval mode; ``config.json``'s
+    ``"architecture"`` (default ``"shapes-net"``) picks the class, so this loads a judge folder too."""
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else default_path()
@@ -120,14 +213,34 @@ def load_shapes_net(path: str | Path | None = None) -> ShapesNet:
             "(or `diffusion_accel.pipelines.testbed.train.train('shapes-net', output_dir)`)."
         )
     config = json.loads((path / CONFIG_FILE).read_text())
-    model = ShapesNet(width=config["width"], feature_dim=config["feature_dim"])
+    model = build_classifier(config)
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
 
 
-@lru_cache(maxsize=2)
-def _cached_net(path: str | None) -> ShapesNet:
+#: The shipped classifiers by name (folders under ``assets/``): ``"shapes-net"`` is the metric everything reports,
+#: ``"shapes-judge"`` the independent second opinion (other architecture, seed and training images). Pass a name as
+#: ``net=`` to :func:`adherence`, :func:`verdicts_and_features`, :func:`detect` or :func:`run_net`.
+JUDGES: dict[str, str] = {"shapes-net": "shapes-net", "shapes-judge": "shapes-judge"}
+
+
+def load_judge(name: str = "shapes-judge") -> nn.Module:
+    """A shipped classifier by name (see :data:`JUDGES`), in eval mode (cached: do not train it in place)."""
+    return _cached_net(str(judge_path(name)))
+
+
+@lru_cache(maxsize=4)
+def _cached_net(path: str | None) -> nn.Module:
     return load_shapes_net(path)
+
+
+def resolve_net(net: nn.Module | str | None) -> nn.Module:
+    """``None`` → the shipped shapes-net, a name of :data:`JUDGES` → that classifier, a module → itself."""
+    if net is None:
+        return _cached_net(None)
+    if isinstance(net, str):
+        return load_judge(net)
+    return net
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -151,9 +264,9 @@ def to_tensor(images: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_net(images: Any, net: ShapesNet | None = None, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def run_net(images: Any, net: nn.Module | str | None = None, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Classifier outputs for ``images`` (see :func:`to_tensor`), concatenated over batches."""
-    net = net if net is not None else _cached_net(None)
+    net = resolve_net(net)
     x = to_tensor(images)
     outs = [net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
@@ -184,7 +297,7 @@ def detections_from(cls_logits: torch.Tensor, size_logits: torch.Tensor) -> list
     return result
 
 
-def detect(images: Any, net: ShapesNet | None = None) -> list[list[Detection]]:
+def detect(images: Any, net: nn.Module | str | None = None) -> list[list[Detection]]:
     """What the classifier sees in each image."""
     out = run_net(images, net)
     return detections_from(out["cls"], out["size"])
@@ -204,7 +317,7 @@ def matches_prompt(detections: Sequence[Detection], wanted: Sequence[PromptObjec
                for perm in itertools.permutations(detections))
 
 
-def adherence_per_image(images: Any, prompts: Sequence[str], net: ShapesNet | None = None,
+def adherence_per_image(images: Any, prompts: Sequence[str], net: nn.Module | str | None = None,
                         check_size: bool = False) -> list[bool]:
     """Per-image booleans: does the classified content match the prompt?"""
     prompts = list(prompts)
@@ -214,7 +327,7 @@ def adherence_per_image(images: Any, prompts: Sequence[str], net: ShapesNet | No
     return [matches_prompt(d, parse_caption(p), check_size) for d, p in zip(dets, prompts, strict=True)]
 
 
-def adherence(images: Any, prompts: Sequence[str], net: ShapesNet | None = None, check_size: bool = False,
+def adherence(images: Any, prompts: Sequence[str], net: nn.Module | str | None = None, check_size: bool = False,
               return_per_image: bool = False) -> float | tuple[float, list[bool]]:
     """Fraction of ``images`` whose classified content matches its prompt (colour + shape of every object, and the
     grid cell where the prompt names a position; no extra objects). With ``return_per_image`` also the booleans."""
@@ -223,7 +336,7 @@ def adherence(images: Any, prompts: Sequence[str], net: ShapesNet | None = None,
     return (score, flags) if return_per_image else score
 
 
-def verdicts_and_features(images: Any, prompts: Sequence[str], net: ShapesNet | None = None,
+def verdicts_and_features(images: Any, prompts: Sequence[str], net: nn.Module | str | None = None,
                           check_size: bool = False) -> tuple[list[bool], np.ndarray]:
     """Per-image adherence verdicts and the 256-d features ``[N, 256]`` (float64) from one classifier pass: what a
     paired comparison (:mod:`diffusion_accel.eval.paired`) and a bootstrap of FID-shapes need."""
@@ -237,12 +350,12 @@ def verdicts_and_features(images: Any, prompts: Sequence[str], net: ShapesNet | 
 
 
 # ------------------------------------------------------------------------------------------------ FID-shapes
-def features(images: Any, net: ShapesNet | None = None) -> np.ndarray:
+def features(images: Any, net: nn.Module | str | None = None) -> np.ndarray:
     """Penultimate 256-d features ``[N, 256]`` (float64)."""
     return run_net(images, net)["features"].double().numpy()
 
 
-def real_statistics(count: int = 2000, split: str = "val", net: ShapesNet | None = None) -> tuple[np.ndarray,
+def real_statistics(count: int = 2000, split: str = "val", net: nn.Module | str | None = None) -> tuple[np.ndarray,
                                                                                                   np.ndarray]:
     """``(mu, sigma)`` of the features of ``count`` real generator images of ``split``."""
     from diffusion_accel.eval.frechet import feature_statistics
@@ -269,7 +382,7 @@ def load_real_statistics(path: str | Path | None = None) -> tuple[np.ndarray, np
     return data["mu"], data["sigma"]
 
 
-def fid_shapes(images: Any, reference: Any = None, net: ShapesNet | None = None) -> float:
+def fid_shapes(images: Any, reference: Any = None, net: nn.Module | str | None = None) -> float:
     """Fréchet distance between shapes-net features of ``images`` and of the reference: real images (an array or
     list of images), a ``(mu, sigma)`` pair, a path to an ``.npz`` with ``mu``/``sigma``, or ``None`` for the
     cached real-image statistics."""

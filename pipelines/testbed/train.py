@@ -1,7 +1,8 @@
 """``train(name, output_dir, seed=0)``: reproduce any shipped testbed model with one call.
 
-Names: ``"shapes-net"`` (classifier), ``"vae"`` (the shared AutoencoderKL), ``"pixart"`` and ``"flow"`` (the two
-pipelines; they need the VAE, trained first into ``<output_dir>/../testbed-vae`` unless ``vae_path`` is given).
+Names: ``"shapes-net"`` (classifier), ``"shapes-judge"`` (the independent second classifier), ``"vae"`` (the
+shared AutoencoderKL), ``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
+``<output_dir>/../testbed-vae`` unless ``vae_path`` is given).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
 """
 
@@ -11,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "vae", "pixart", "flow")
+TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "pixart", "flow")
 
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
@@ -25,6 +26,10 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
         from .train_classifier import train_shapes_net
 
         return train_shapes_net(output_dir, seed=seed, minutes=minutes, **kwargs)
+    if name == "shapes-judge":
+        from .train_classifier import train_shapes_judge
+
+        return train_shapes_judge(output_dir, seed=seed, minutes=minutes, **kwargs)
     if name == "vae":
         from .train_vae import train_vae
 
