@@ -197,12 +197,11 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
 
 def _load_judge():
     """The independent judge (``assets/shapes-judge``), or ``None`` when it is not installed."""
-    try:
-        from ..pipelines.testbed.shapes_net import assets_root, load_shapes_net
+    from ..pipelines.testbed.shapes_net import load_judge
 
-        path = assets_root() / "shapes-judge"
-        return load_shapes_net(path) if path.exists() else None
-    except (ImportError, FileNotFoundError):
+    try:
+        return load_judge("shapes-judge")
+    except FileNotFoundError:
         return None
 
 

@@ -78,10 +78,13 @@ class RGLCD(LCD):
                 "reward_model": opts.reward_model or "shapes-net (shipped)"}
 
     def expert_reward(self, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """The classifier's log-likelihood of each caption's content on the decoded latents (differentiable)."""
+        """The classifier's log-likelihood of each caption's content on the decoded latents (differentiable).
+
+        The decoded image is clamped to the displayable range first, as RG-LCD does: otherwise the student can
+        raise the reward with pixel values no saved image keeps."""
         from ..pipelines.testbed.reward import prompt_reward
 
-        return prompt_reward(self.expert, self.family.decode(latents), captions)
+        return prompt_reward(self.expert, self.family.decode(latents).clamp(-1.0, 1.0), captions)
 
     def _grid_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents on the image grid (Flux's are packed into tokens)."""

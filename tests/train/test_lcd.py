@@ -143,3 +143,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     b = load_file(str(tmp_path / "two" / "transformer" / "diffusion_pytorch_model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rglcd_with_latent_reward_resumes_every_model(tmp_path):
+    """RG-LCD with the LRM: resuming from checkpoint-2 of a 4-step run ends on the same student *and* the same
+    latent reward model as the run itself (the LRM and its optimizer are part of the checkpoint)."""
+    options = dict(TINY_PIXART, max_train_steps=4, checkpointing_steps=2, latent_reward=True, rm_warmup_steps=1,
+                   reward_scale=0.1, learning_rate=1e-3, ship_weights="online")
+    first = tmp_path / "first"
+    record = train("rglcd", output_dir=str(first), **options)
+    assert "rm_loss" in record["final_logs"] and "proxy_reward" in record["final_logs"]
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "checkpoint-2", second / "checkpoint-2")
+    shutil.copy(first / "training_run.json", second / "training_run.json")
+    train("rglcd", output_dir=str(second), resume_from_checkpoint="latest", **options)
+    for folder in ("transformer/diffusion_pytorch_model.safetensors", "checkpoint-4/model_1.safetensors"):
+        a, b = load_file(str(first / folder)), load_file(str(second / folder))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=f"{folder}: {name}")
+
+
+def test_rglcd_direct_reward_moves_the_student(tmp_path):
+    record = train("rglcd", output_dir=str(tmp_path / "rg"), max_train_steps=1, reward_scale=1.0, **TINY_PIXART)
+    logs = record["final_logs"]
+    assert logs["reward"] < 0 and abs(logs["loss"] - (logs["distill_loss"] - logs["reward"])) < 1e-4

@@ -1,0 +1,69 @@
+"""Ship a distilled student of a testbed pipeline into ``assets/`` (``testbed:pixart-lcm``, ``testbed:pixart-rglcd``).
+
+A training run's folder holds checkpoints, validation grids and logs besides the pipeline; the shipped folder keeps
+the pipeline only. The student's frozen components (VAE, text encoder, tokenizer) are the teacher's, byte for byte,
+so they are linked to the teacher's folder (relative symlinks) instead of stored twice: ``assets/`` stays under its
+50 MB budget, and ``from_pretrained`` and the wheel build follow the links.
+
+``python -m diffusion_accel.pipelines.testbed.students <run_dir> <name>``
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+from pathlib import Path
+
+from .registry import STUDENT_NAMES, asset_dir_name
+from .shapes_net import assets_root
+
+COPIED = ("model_index.json", "pipeline_with_contract.py", "scheduler", "transformer", "distillation.json",
+          "train_metrics.json", "training_run.json")
+SHARED_WITH_TEACHER = ("vae", "text_encoder", "tokenizer")
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    if cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files:
+        return False
+    return all(_same_tree(a / d, b / d) for d in cmp.common_dirs)
+
+
+def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Path:
+    """Copy the pipeline of training run ``run_dir`` to ``assets/testbed-<name>``; returns that folder."""
+    if name not in STUDENT_NAMES:
+        raise ValueError(f"unknown student {name!r}; known: {', '.join(STUDENT_NAMES)}")
+    run_dir = Path(run_dir)
+    teacher_dir = assets_root() / asset_dir_name(teacher)
+    for component in SHARED_WITH_TEACHER:
+        if not _same_tree(run_dir / component, teacher_dir / component):
+            raise ValueError(f"{run_dir / component} differs from the teacher's {teacher_dir / component}; a "
+                             "student whose frozen components changed cannot share them.")
+    dest = assets_root() / asset_dir_name(name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for item in COPIED:
+        src = run_dir / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item)
+        elif src.exists():
+            shutil.copy2(src, dest / item)
+    for component in SHARED_WITH_TEACHER:
+        os.symlink(Path("..") / teacher_dir.name / component, dest / component, target_is_directory=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("name", choices=sorted(STUDENT_NAMES))
+    args = parser.parse_args(argv)
+    print(ship_student(args.run_dir, args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
