@@ -7,11 +7,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .call_stats import format_stats
 from .config import MethodConfig, parse_config, registered_methods
 from .parallel import check_context_parallel
 from .pipelines.adapters import find_adapter
 from .session import SESSION_ATTR, AccelSession, sessions_on
-from .stats import format_stats
 
 ConfigSpec = MethodConfig | str | Path | Mapping[str, Any]
 
@@ -70,7 +70,7 @@ def _parse_all(configs: tuple[ConfigSpec, ...], options: dict[str, Any]) -> list
         seen[config.name] = config.name
     groups: dict[str, str] = {}
     for config in parsed:
-        group = getattr(config, "exclusive_group", None)
+        group = config.exclusive_group
         if group is None:
             continue
         if group in groups:

@@ -37,6 +37,10 @@ class MethodConfig:
     #: False for a method that replaces the denoiser's ``forward`` instead of registering hooks: it cannot be gated
     #: per pipeline, so no other pipeline sharing the denoiser may have methods attached at the same time.
     shares_denoiser: ClassVar[bool] = True
+    #: Methods in the same group cannot be combined in one ``apply`` (``apply`` refuses the second, naming both),
+    #: nor held by two pipelines sharing a denoiser where the group says so: ``"diffusers_cache"`` is the group of
+    #: caches that take Diffusers' one cache slot per model. ``None``: combines with anything.
+    exclusive_group: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()

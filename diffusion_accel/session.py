@@ -33,13 +33,13 @@ from diffusers.hooks import ModelHook
 
 from . import compile as _compile
 from . import diffusers_internals as internals
+from .call_stats import CallStats, tensor_footprint
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
 from .parallel import check_context_parallel
 from .pipelines.adapters import ModelAdapter
 from .pipelines.contract import fill_contract_defaults
-from .stats import CallStats, tensor_footprint
 
 SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
@@ -408,7 +408,7 @@ class AccelSession:
     # ------------------------------------------------------------------ torch.compile
     def _keep_hooks_eager(self) -> None:
         """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
-        names = {__name__, "diffusion_accel.stats", "diffusion_accel.context", "diffusion_accel.blocks",
+        names = {__name__, "diffusion_accel.call_stats", "diffusion_accel.context", "diffusion_accel.blocks",
                  "diffusion_accel.row_store"}
         names.update(type(method).__module__ for method in self.methods)
         for name in sorted(names):
@@ -451,8 +451,7 @@ class AccelSession:
 
         call = relinked_call
         for method in self.methods:  # methods that re-shape the whole call (bottleneck stages) wrap it
-            if hasattr(method, "wrap_call"):
-                call = functools.partial(method.wrap_call, self, call)
+            call = functools.partial(method.wrap_call, self, call)
         token = _ACTIVE_SESSION.set(self)
         try:
             check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply

@@ -160,7 +160,7 @@ def diffusers_cache_clash_reason(adapter: ModelAdapter, pipe: Any) -> str | None
 
     denoiser = adapter.get_denoiser(pipe)
     for session in sessions_on(denoiser):
-        held = [c.name for c in session.configs if getattr(c, "exclusive_group", None) == "diffusers_cache"]
+        held = [c.name for c in session.configs if c.exclusive_group == "diffusers_cache"]
         if held and session.pipe is not pipe:
             return (f"the {adapter.denoiser} is shared with another pipeline ({type(session.pipe).__name__}) that "
                     f"has diffusion_accel's {held[0]} on it, and a model holds one such cache at a time; call "
