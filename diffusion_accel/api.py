@@ -23,6 +23,13 @@ class AccelHandle:
         self._session = session
 
     @property
+    def session(self) -> AccelSession:
+        """The :class:`~diffusion_accel.session.AccelSession` behind this handle: the attached method instances
+        (``session.methods``), the step context of the running or last call (``session.context``), the hooked
+        denoiser. For tools and tests that inspect a method's state; the public API itself needs none of it."""
+        return self._session
+
+    @property
     def configs(self) -> list[MethodConfig]:
         return list(self._session.configs)
 

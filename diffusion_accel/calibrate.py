@@ -108,7 +108,7 @@ def calibrate_linear_ag(cal: CalibrationSet, out: str | Path, ridge: float = 1e-
 
     handle = da.apply(cal.pipe, _RecorderConfig())
     try:
-        recorder = handle._session.methods[0]
+        recorder = handle.session.methods[0]
         generate(cal.pipe, cal.kwargs())
         trajectories = recorder.trajectories()
     finally:

@@ -118,7 +118,7 @@ class ModelAdapter:
         return self.cfg_layout
 
 
-# Reasons shared by several families (tests/test_families.py runs every method the adapters allow).
+# Reasons shared by several families (tests/engine/test_families.py runs every method the adapters allow).
 _CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that its disable_cache leaves behind"
 _CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block forwards in a way that outlives "
                                "disable_cache (Diffusers' FirstBlockCache then fails on the same model)")

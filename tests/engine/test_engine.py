@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import fingerprint, run_pipe
 from diffusers.hooks import ModelHook
 
 import diffusion_accel as da
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 
 class _Recorder(ModelHook):
@@ -26,7 +25,7 @@ class _Recorder(ModelHook):
 
 def _record(pipe, family, **call):
     handle = da.apply(pipe)
-    session = handle._session
+    session = handle.session
     recorder = _Recorder(session)
     # Register inside the context hook: remove it, add the recorder, put the context hook back outermost.
     from diffusion_accel.session import _CONTEXT_HOOK, DenoiserContextHook
