@@ -88,6 +88,7 @@ def unregistered_block_reason(name: str, blocks: list[torch.nn.Module]) -> str |
             block_metadata(cls)
         except ValueError:
             return (f"{name} needs to know where {cls.__name__} keeps its hidden states; register it with "
+                    "Diffusers' TransformerBlockRegistry via "
                     "diffusion_accel.diffusers_internals.register_block_class(cls, hidden_index, encoder_index)")
     return None
 
