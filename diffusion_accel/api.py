@@ -7,11 +7,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .call_stats import format_stats
 from .config import MethodConfig, parse_config, registered_methods
 from .parallel import check_context_parallel
 from .pipelines.adapters import find_adapter
 from .session import SESSION_ATTR, AccelSession, sessions_on
-from .stats import format_stats
 
 ConfigSpec = MethodConfig | str | Path | Mapping[str, Any]
 
@@ -21,6 +21,13 @@ class AccelHandle:
 
     def __init__(self, session: AccelSession) -> None:
         self._session = session
+
+    @property
+    def session(self) -> AccelSession:
+        """The :class:`~diffusion_accel.session.AccelSession` behind this handle: the attached method instances
+        (``session.methods``), the step context of the running or last call (``session.context``), the hooked
+        denoiser. For tools and tests that inspect a method's state; the public API itself needs none of it."""
+        return self._session
 
     @property
     def configs(self) -> list[MethodConfig]:
@@ -70,7 +77,7 @@ def _parse_all(configs: tuple[ConfigSpec, ...], options: dict[str, Any]) -> list
         seen[config.name] = config.name
     groups: dict[str, str] = {}
     for config in parsed:
-        group = getattr(config, "exclusive_group", None)
+        group = config.exclusive_group
         if group is None:
             continue
         if group in groups:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loading import base_call_kwargs
+from .loading import base_call_kwargs, default_pipeline
+from .prompts import bench_prompts
 
 METRIC_KEYS = ("speedup_wall", "macs_ratio", "nfe", "psnr_vs_baseline", "ssim_vs_baseline", "adherence", "fid_shapes")
 #: Held-out samples (prompt + seed pairs) of a testbed quality run: enough for a paired-difference 95 % interval of
@@ -40,13 +41,6 @@ QUALITY_PROMPTS = 1024
 #: Bumped when the per-image metrics change, so cached baseline verdicts from older code are not reused.
 METRICS_VERSION = 1
 
-BUILTIN_PROMPTS = (
-    "a red circle", "a blue square", "a green triangle", "a yellow circle in the top left",
-    "a small red square in the bottom right", "a big blue circle in the center", "a green square in the top right",
-    "a yellow triangle in the bottom left", "a red triangle and a blue circle", "a small green circle",
-    "a big yellow square", "a blue triangle in the top left", "a red circle in the bottom left",
-    "a green triangle in the center", "a yellow square and a red circle", "a blue circle in the top right",
-)
 
 
 @dataclass
@@ -81,9 +75,7 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
     overrides; ``+`` combines methods in one entry (``adaptive_guidance+delta_cache``); ``steps=N`` is the baseline
     run with N steps (same cost comparison). ``baseline`` is always run.
     """
-    import yaml
-
-    from .config import parse_config
+    from .config import parse_config, parse_key_value
 
     specs = [MethodSpec("baseline")]
     for item in (part.strip() for part in _split_top_level(text)):
@@ -95,12 +87,7 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
         configs = []
         for piece in item.split("+"):
             name, *options = piece.split(":")
-            overrides = {}
-            for option in options:
-                if "=" not in option:
-                    raise ValueError(f"Bench method option {option!r} in {item!r} must be key=value.")
-                key, value = option.split("=", 1)
-                overrides[key] = yaml.safe_load(value)
+            overrides = dict(parse_key_value(option, f"Bench method option in {item!r}") for option in options)
             configs.append(parse_config(name, **overrides))
         specs.append(MethodSpec(item, configs))
     labels = [s.label for s in specs]
@@ -110,8 +97,12 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline calls
-def _call_kwargs(pipe: Any, family: str, prompts: list[str], base: dict[str, Any], steps: int | None,
-                 guidance: float | None, size: int | None, seeds: list[int]) -> dict[str, Any]:
+def call_kwargs(pipe: Any, family: str, prompts: list[str], base: dict[str, Any], steps: int | None,
+                guidance: float | None, size: int | None, seeds: list[int]) -> dict[str, Any]:
+    """The bench's call arguments for ``prompts`` (DiT: class labels) on ``pipe``: ``base`` (the pipeline's
+    defaults, :func:`~diffusion_accel.loading.base_call_kwargs`) with ``steps``, CFG scale ``guidance`` and square
+    ``size`` overriding where given, a negative prompt where the family's CFG needs one, and one generator per seed.
+    ``family`` is accepted for callers' convenience; the adapter is looked up from ``pipe``."""
     from .pipelines.adapters import find_adapter
 
     adapter = find_adapter(pipe)
@@ -140,7 +131,7 @@ def _call_kwargs(pipe: Any, family: str, prompts: list[str], base: dict[str, Any
     return kwargs
 
 
-def _to_uint8(output: Any) -> np.ndarray:
+def to_uint8(output: Any) -> np.ndarray:
     """Pipeline output → uint8 array ``[N, H, W, 3]`` (videos: frames stacked as ``[N, T, H, W, 3]``)."""
     if hasattr(output, "frames"):
         frames = np.asarray(output.frames, dtype=np.float32)
@@ -148,7 +139,9 @@ def _to_uint8(output: Any) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in output.images])
 
 
-def _generate(pipe: Any, kwargs: dict[str, Any]) -> Any:
+def generate(pipe: Any, kwargs: dict[str, Any]) -> Any:
+    """``pipe(**kwargs)`` with fresh generators re-seeded from ``kwargs["generator"]``, so that calling twice with
+    the same ``kwargs`` gives the same images."""
     kwargs = dict(kwargs)
     kwargs["generator"] = [torch.Generator().manual_seed(g.initial_seed()) for g in kwargs["generator"]]
     return pipe(**kwargs)
@@ -175,7 +168,7 @@ def _generate_counting_macs(pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, flo
     denoiser_name = type(find_adapter(pipe).get_denoiser(pipe)).__name__
     counter = FlopCounterMode(display=False)
     with counter:
-        output = _generate(pipe, kwargs)
+        output = generate(pipe, kwargs)
     counts = counter.get_flop_counts().get(denoiser_name, {})
     return output, sum(counts.values()) / 2.0
 
@@ -192,7 +185,8 @@ def _peer_reason(pipe: Any, spec: MethodSpec) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+def fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR and SSIM of ``images`` against ``reference`` (same shape; videos compared frame by frame)."""
     from .eval.fidelity import psnr, ssim
 
     flat = images.reshape(-1, *images.shape[-3:])
@@ -368,7 +362,7 @@ def run_bench(
     pipe.set_progress_bar_config(disable=True)
     family = da.find_adapter(pipe).family
     base_kwargs = base_call_kwargs(pipeline, tier)
-    prompts = _load_prompts(pipeline, num_prompts, prompts_file)
+    prompts = bench_prompts(pipeline, num_prompts, prompts_file)
     if shape_metrics is None:
         shape_metrics = pipeline.startswith("testbed:") and tier == "quality"
     out_dir = Path(out_dir)
@@ -393,7 +387,7 @@ def run_bench(
     seeds = [seed + i for i in range(len(prompts))]
     cache_folder, cache_key, cache_hit = None, None, False
     if cache_dir is not None and tier == "quality":
-        probe = _call_kwargs(pipe, family, prompts[:1], base_kwargs, steps, guidance_scale, size, [seed])
+        probe = call_kwargs(pipe, family, prompts[:1], base_kwargs, steps, guidance_scale, size, [seed])
         call = {k: v for k, v in probe.items() if k not in ("prompt", "generator", "negative_prompt")}
         call["negative_prompt"] = probe.get("negative_prompt", [None])[0] if "negative_prompt" in probe else None
         cache_key = baseline_cache_key(pipeline_fingerprint(pipeline, pipe), call, prompts, seeds, batch_size,
@@ -414,7 +408,7 @@ def run_bench(
         chunks, nfes, total_macs = [], [], 0.0
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            kwargs = _call_kwargs(pipe, family, batch, base_kwargs, steps, guidance_scale, size,
+            kwargs = call_kwargs(pipe, family, batch, base_kwargs, steps, guidance_scale, size,
                                   [seed + start + i for i in range(len(batch))])
             kwargs.update(spec.call_overrides)
             with _with_method(pipe, spec):
@@ -422,8 +416,8 @@ def run_bench(
                     output, batch_macs = _generate_counting_macs(pipe, kwargs)
                     total_macs += batch_macs
                 else:
-                    output = _generate(pipe, kwargs)
-                chunks.append(_to_uint8(output))
+                    output = generate(pipe, kwargs)
+                chunks.append(to_uint8(output))
                 nfes.append(da.stats(pipe)["nfe"])
         images[spec.label] = np.concatenate(chunks)
         nfe[spec.label] = float(np.mean(nfes))
@@ -439,7 +433,7 @@ def run_bench(
     quality_seconds = time.perf_counter() - quality_start
 
     # 2. MACs on the speed tier: one timing call per method
-    macs_kwargs = _call_kwargs(pipe, family, prompts[:timing_batch], base_kwargs, steps, guidance_scale, size,
+    macs_kwargs = call_kwargs(pipe, family, prompts[:timing_batch], base_kwargs, steps, guidance_scale, size,
                                [seed + i for i in range(timing_batch)])
     if not macs_over_all:
         macs = {spec.label: count_denoiser_macs(pipe, {**macs_kwargs, **spec.call_overrides}, spec)
@@ -449,21 +443,21 @@ def run_bench(
     times: dict[str, list[float]] = {spec.label: [] for spec in runnable}
     for spec in runnable:  # warm-up
         with _with_method(pipe, spec):
-            _generate(pipe, {**macs_kwargs, **spec.call_overrides})
+            generate(pipe, {**macs_kwargs, **spec.call_overrides})
     for round_index in range(repeats):
         order = runnable[round_index % len(runnable):] + runnable[: round_index % len(runnable)]
         for spec in order:
             call = {**macs_kwargs, **spec.call_overrides}
             with _with_method(pipe, spec):
                 start = time.perf_counter()
-                _generate(pipe, call)
+                generate(pipe, call)
                 times[spec.label].append(time.perf_counter() - start)
 
     base = "baseline"
     quality = _quality_stats(metrics, base, fid_resamples) if base in metrics else {}
     results: dict[str, dict[str, Any]] = {}
     for spec in runnable:
-        psnr, ssim = (math.inf, 1.0) if spec.label == base else _fidelity(images[spec.label], images[base])
+        psnr, ssim = (math.inf, 1.0) if spec.label == base else fidelity(images[spec.label], images[base])
         q = quality.get(spec.label, {})
         adherence, fid = q.get("adherence"), q.get("fid_shapes")
         results[spec.label] = {
@@ -505,20 +499,6 @@ def run_bench(
                                "verdicts": {k: "".join("1" if v else "0" for v in m[0]) for k, m in metrics.items()}}
     _write_outputs(report, images, prompts, out_dir, json_path, pareto_x)
     return report
-
-
-def _load_prompts(pipeline: str, count: int, prompts_file: str | None) -> list[str]:
-    if prompts_file:
-        lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
-        return lines[:count]
-    if pipeline.startswith("testbed:"):
-        try:
-            from .pipelines.testbed.shapes import heldout_prompts
-
-            return list(heldout_prompts(count))
-        except ImportError:
-            pass
-    return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -696,8 +676,6 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import default_pipeline
-
     pipeline = args.pipeline or default_pipeline()
     testbed_quality = pipeline.startswith("testbed:") and args.tier == "quality"
     prompts = args.prompts or str(QUALITY_PROMPTS if testbed_quality else 16)

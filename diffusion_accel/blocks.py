@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-from diffusers.utils.torch_utils import unwrap_module
+
+from .diffusers_internals import TransformerBlockMetadata, block_argument, block_metadata, unwrap_module
 
 Streams = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -26,12 +26,12 @@ class BlockIO:
     def for_module(cls, module: torch.nn.Module) -> BlockIO:
         block_class = unwrap_module(module).__class__
         try:
-            metadata = TransformerBlockRegistry.get(block_class)
+            metadata = block_metadata(block_class)
         except ValueError as exc:
             raise ValueError(
                 f"Block class {block_class.__name__} is not in Diffusers' TransformerBlockRegistry; register it with "
-                "TransformerBlockRegistry.register(model_class, TransformerBlockMetadata(...)) so that block caches "
-                "know where its hidden states are."
+                "diffusion_accel.diffusers_internals.register_block_class(model_class, hidden_index, encoder_index) "
+                "so that block caches know where its hidden states are."
             ) from exc
         return cls(metadata)
 
@@ -41,10 +41,10 @@ class BlockIO:
 
     def inputs(self, args: tuple, kwargs: dict) -> Streams:
         m = self.metadata
-        hidden = m._get_parameter_from_args_kwargs(m.hidden_states_argument_name, args, kwargs)
+        hidden = block_argument(m, m.hidden_states_argument_name, args, kwargs)
         encoder = None
         if self.dual_stream:
-            encoder = m._get_parameter_from_args_kwargs(m.encoder_hidden_states_argument_name, args, kwargs)
+            encoder = block_argument(m, m.encoder_hidden_states_argument_name, args, kwargs)
         return hidden, encoder
 
     def outputs(self, output: Any) -> Streams:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .bench import BUILTIN_PROMPTS, _call_kwargs, _generate, _load_prompts, _to_uint8, base_call_kwargs
+from .bench import base_call_kwargs, call_kwargs, generate, to_uint8
+from .prompts import SHAPE_PROMPTS, bench_prompts
 
 
 @dataclass
@@ -34,7 +35,7 @@ class CalibrationSet:
     seed: int = 0
 
     def kwargs(self) -> dict[str, Any]:
-        return _call_kwargs(self.pipe, self.family, self.prompts, self.base, self.steps, self.guidance_scale,
+        return call_kwargs(self.pipe, self.family, self.prompts, self.base, self.steps, self.guidance_scale,
                             self.size, [self.seed + i for i in range(len(self.prompts))])
 
     @property
@@ -45,7 +46,7 @@ class CalibrationSet:
         import diffusion_accel as da
 
         with da.accelerated(self.pipe, *configs):
-            images = _to_uint8(_generate(self.pipe, self.kwargs()))
+            images = to_uint8(generate(self.pipe, self.kwargs()))
             return images, dict(da.stats(self.pipe))
 
 
@@ -63,7 +64,7 @@ def calibration_set(pipeline: str, num_prompts: int = 4, steps: int | None = Non
 
     pipe = da.load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    prompts = _load_prompts(pipeline, num_prompts, None) if num_prompts else list(BUILTIN_PROMPTS[:4])
+    prompts = bench_prompts(pipeline, num_prompts, None) if num_prompts else list(SHAPE_PROMPTS[:4])
     return CalibrationSet(pipe, da.find_adapter(pipe).family, prompts, steps, guidance_scale, size,
                           base_call_kwargs(pipeline), seed)
 
@@ -107,8 +108,8 @@ def calibrate_linear_ag(cal: CalibrationSet, out: str | Path, ridge: float = 1e-
 
     handle = da.apply(cal.pipe, _RecorderConfig())
     try:
-        recorder = handle._session.methods[0]
-        _generate(cal.pipe, cal.kwargs())
+        recorder = handle.session.methods[0]
+        generate(cal.pipe, cal.kwargs())
         trajectories = recorder.trajectories()
     finally:
         handle.remove()
@@ -175,7 +176,7 @@ def add_calibrate_parser(sub: Any) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .cli import default_pipeline
+    from .loading import default_pipeline
 
     cal = calibration_set(args.pipeline or default_pipeline(), args.prompts, args.steps, args.guidance_scale,
                           args.size)

@@ -8,31 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PIPELINE = "testbed:pixart"
-FALLBACK_PIPELINE = "tiny:pixart_alpha"
-
-
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
-    return options
-
-
-def default_pipeline() -> str:
-    """The shipped testbed pipeline when its assets are installed, else the offline tiny PixArt."""
-    try:
-        from .pipelines.testbed.registry import testbed_path
-
-        testbed_path("pixart")
-        return DEFAULT_PIPELINE
-    except Exception:
-        return FALLBACK_PIPELINE
+from .config import parse_key_values
+from .loading import DEFAULT_PIPELINE, FALLBACK_PIPELINE, default_pipeline
 
 
 def method_configs(methods: list[str] | None, config_files: list[str] | None, options: dict[str, Any]) -> list:
@@ -85,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     name = args.pipeline or default_pipeline()
     pipe = da.load_pipeline(name)
-    configs = method_configs(args.method, args.config, _parse_set(args.set))
+    configs = method_configs(args.method, args.config, parse_key_values(args.set, "--set"))
     adapter = da.find_adapter(pipe)
     # tiny sizes / the testbed's 64x64 defaults (PixArt's resolution binning would reject 64); user flags override
     call: dict[str, Any] = base_call_kwargs(name)
@@ -212,27 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    from .train.cli import add_parser as add_train_parser
-
-    add_train_parser(sub)
-    _add_optional_parsers(sub)
+    _add_subcommand_parsers(sub)
     return parser
 
 
-def _add_optional_parsers(sub: Any) -> None:
-    """Sub-commands that live in other packages of the project (bench, calibrate, testbed, eval)."""
-    from importlib import import_module
+def _add_subcommand_parsers(sub: Any) -> None:
+    """Sub-commands that live in other modules of the project (bench, calibrate, testbed, eval, train).
 
-    for module, function in (
-        ("diffusion_accel.bench", "add_bench_parser"),
-        ("diffusion_accel.calibrate", "add_calibrate_parser"),
-        ("diffusion_accel.pipelines.testbed.cli", "add_testbed_parser"),
-        ("diffusion_accel.eval.cli", "add_eval_parser"),
-    ):
-        try:
-            add = getattr(import_module(module), function)
-        except (ImportError, AttributeError):
-            continue
+    Imported explicitly: a sub-command whose module fails to import breaks the CLI with that error instead of
+    silently disappearing from it.
+    """
+    from .bench import add_bench_parser
+    from .calibrate import add_calibrate_parser
+    from .eval.cli import add_eval_parser
+    from .pipelines.testbed.cli import add_testbed_parser
+    from .train.cli import add_parser as add_train_parser
+
+    for add in (add_bench_parser, add_calibrate_parser, add_testbed_parser, add_eval_parser, add_train_parser):
         add(sub)
 
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .diffusers_internals import hook_fn_refs, hook_registry, repeated_blocks, set_repeated_blocks
+
 if TYPE_CHECKING:
     from .pipelines.adapters import ModelAdapter
-
-_REPEATED_ATTR = "_repeated_blocks"
 
 
 # ---------------------------------------------------------------------------------------------- repeated blocks
@@ -39,13 +39,13 @@ def ensure_repeated_blocks(denoiser: torch.nn.Module, adapter: ModelAdapter) -> 
 
     Set on the instance only, so the Diffusers class (and other models of it) are left alone.
     """
-    if getattr(denoiser, _REPEATED_ATTR, None) or not adapter.repeated_blocks:
+    if repeated_blocks(denoiser) or not adapter.repeated_blocks:
         return False
     present = {type(m).__name__ for m in denoiser.modules()}
     names = [name for name in adapter.repeated_blocks if name in present]
     if not names:
         return False
-    setattr(denoiser, _REPEATED_ATTR, names)
+    set_repeated_blocks(denoiser, names)
     return True
 
 
@@ -129,8 +129,8 @@ class HoistedRegion:
 
 
 def _our_refs(module: torch.nn.Module, ours: set[int] | dict[int, str]) -> list[Any]:
-    registry = module.__dict__.get("_diffusers_hook")
-    return [ref for ref in (registry._fn_refs if registry is not None else []) if id(ref) in ours]
+    registry = hook_registry(module)
+    return [ref for ref in (hook_fn_refs(registry) if registry is not None else []) if id(ref) in ours]
 
 
 def hoist_compiled_regions(modules: list[torch.nn.Module], ours: dict[int, str],

@@ -37,6 +37,10 @@ class MethodConfig:
     #: False for a method that replaces the denoiser's ``forward`` instead of registering hooks: it cannot be gated
     #: per pipeline, so no other pipeline sharing the denoiser may have methods attached at the same time.
     shares_denoiser: ClassVar[bool] = True
+    #: Methods in the same group cannot be combined in one ``apply`` (``apply`` refuses the second, naming both),
+    #: nor held by two pipelines sharing a denoiser where the group says so: ``"diffusers_cache"`` is the group of
+    #: caches that take Diffusers' one cache slot per model. ``None``: combines with anything.
+    exclusive_group: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,3 +159,23 @@ def parse_config(spec: MethodConfig | str | Path | Mapping[str, Any], **override
         f"Cannot use {type(spec).__name__} as a method config: pass a MethodConfig, a method name, "
         "a dict with a 'method' key, or a .json/.yaml path."
     )
+
+
+def parse_key_value(text: str, what: str = "option") -> tuple[str, Any]:
+    """``"key=value"`` → ``("key", value)``, the one parser behind ``--set``, ``--call`` and bench method options.
+
+    The value is read as YAML (``0.1`` → float, ``[1, 2]`` → list, ``true`` → bool, anything else a string); the key
+    is stripped and ``-`` becomes ``_`` (``--set num-cached-blocks=4`` names the field ``num_cached_blocks``).
+    Raises ValueError naming ``what`` (the flag or place the text came from) when there is no ``=``.
+    """
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"{what} expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def parse_key_values(items: list[str] | None, what: str = "option") -> dict[str, Any]:
+    """Several ``key=value`` texts (a repeatable flag's values) → one dict; see :func:`parse_key_value`."""
+    return dict(parse_key_value(item, what) for item in items or [])

@@ -48,9 +48,6 @@ class StepContext:
     def batch_size(self) -> int:
         return len(self.rows)
 
-    def row_keys(self) -> list[tuple[Branch, int]]:
-        return list(self.rows)
-
 
 class TimestepResolver:
     """Maps the timestep a denoiser receives to the step index of the scheduler's current schedule."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .diffusers_internals import pack_latents, unpack_latents
 from .pipelines.adapters import ModelAdapter
 
 
@@ -42,11 +43,11 @@ def unpack(adapter: ModelAdapter, pipe: Any, latents: torch.Tensor, height: int,
            num_frames: int | None = None) -> torch.Tensor:
     """Pipeline latents → ``[B, C, h, w]`` (images) or ``[B, C, F, h, w]`` (videos)."""
     if adapter.latent_layout == "packed_image":
-        return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return unpack_latents(type(pipe), latents, height, width, pipe.vae_scale_factor)
     if adapter.latent_layout == "packed_video":
         s = pipe.vae_spatial_compression_ratio
-        return type(pipe)._unpack_latents(latents, _ltx_latent_frames(pipe, num_frames), height // s, width // s,
-                                          pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
+        return unpack_latents(type(pipe), latents, _ltx_latent_frames(pipe, num_frames), height // s, width // s,
+                              pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
     return latents
 
 
@@ -54,10 +55,10 @@ def pack(adapter: ModelAdapter, pipe: Any, latents: torch.Tensor) -> torch.Tenso
     """Inverse of :func:`unpack`."""
     if adapter.latent_layout == "packed_image":
         b, c, h, w = latents.shape
-        return type(pipe)._pack_latents(latents, b, c, h, w)
+        return pack_latents(type(pipe), latents, b, c, h, w)
     if adapter.latent_layout == "packed_video":
-        return type(pipe)._pack_latents(latents, pipe.transformer_spatial_patch_size,
-                                        pipe.transformer_temporal_patch_size)
+        return pack_latents(type(pipe), latents, pipe.transformer_spatial_patch_size,
+                            pipe.transformer_temporal_patch_size)
     return latents
 
 

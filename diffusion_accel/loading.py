@@ -9,6 +9,22 @@ import torch
 
 from .logs import configure_pipeline
 
+#: The pipeline commands and benchmarks use when none is named: the shipped testbed PixArt ...
+DEFAULT_PIPELINE = "testbed:pixart"
+#: ... or, where its assets are not installed, the offline tiny PixArt.
+FALLBACK_PIPELINE = "tiny:pixart_alpha"
+
+
+def default_pipeline() -> str:
+    """The shipped testbed pipeline when its assets are installed, else the offline tiny PixArt."""
+    try:
+        from .pipelines.testbed.registry import testbed_path
+
+        testbed_path("pixart")
+        return DEFAULT_PIPELINE
+    except Exception:
+        return FALLBACK_PIPELINE
+
 
 def _testbed_path(name: str) -> Path:
     from .pipelines.testbed.registry import testbed_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,5 +45,12 @@ class Method:
         """Called when the scheduler is re-timed within a call (a new resolution stage)."""
         self.on_call_begin(session)
 
-    def describe(self) -> dict[str, Any]:
-        return self.config.to_dict()
+    def wrap_call(self, session: AccelSession, call: Callable[..., Any], pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one whole pipeline call: ``call(pipe, *args, **kwargs)``, or anything that re-shapes it.
+
+        The extension point for methods that change the call itself rather than the denoiser's forwards (bottleneck
+        sampling runs it once per resolution stage). The session chains every method's ``wrap_call`` in method
+        order, each around the next, with the pipeline's own ``__call__`` innermost; ``session.call_args`` holds the
+        bound arguments of the call. The default runs the call unchanged.
+        """
+        return call(pipe, *args, **kwargs)

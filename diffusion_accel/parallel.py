@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .diffusers_internals import parallel_config
+
 #: Methods refused under context parallelism, and why.
 NOT_RANK_CONSISTENT: dict[str, str] = {
     "fbcache": "it compares the first block's residual with a threshold on each rank's slice of the tokens, so "
@@ -33,7 +35,7 @@ NOT_RANK_CONSISTENT: dict[str, str] = {
 
 def context_parallel_degree(denoiser: Any) -> int:
     """The number of ranks the denoiser's sequence is split over (1 without context parallelism)."""
-    config = getattr(denoiser, "_parallel_config", None)
+    config = parallel_config(denoiser)
     cp = getattr(config, "context_parallel_config", None)
     if cp is None:
         return 1

@@ -29,17 +29,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+from diffusers.hooks import ModelHook
 
 from . import compile as _compile
+from . import diffusers_internals as internals
+from .call_stats import CallStats, tensor_footprint
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
 from .method import Method
 from .parallel import check_context_parallel
 from .pipelines.adapters import ModelAdapter
 from .pipelines.contract import fill_contract_defaults
-from .stats import CallStats, tensor_footprint
 
 SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
@@ -99,10 +99,10 @@ def relinked_hook_chains(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     """
     saved = []
     for module in modules:
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is None or not registry._fn_refs:
+        registry = internals.hook_registry(module)
+        if registry is None or not internals.hook_fn_refs(registry):
             continue
-        refs = list(registry._fn_refs)
+        refs = internals.hook_fn_refs(registry)
         # What each hook's rewritten forward is: the input of the next hook, or the module's forward for the top one.
         wrappers = [_input_of(ref) for ref in refs[1:]] + [module.forward]
         links = {id(ref): (wrapper, ref.forward if ref.original_forward is not None else None)
@@ -110,7 +110,7 @@ def relinked_hook_chains(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
         saved.append((module, registry, refs, _input_of(refs[0]), links))
     yield
     for module, registry, refs, below, links in saved:
-        remaining = list(registry._fn_refs)
+        remaining = internals.hook_fn_refs(registry)
         if remaining == refs or any(id(ref) not in links for ref in remaining):
             continue  # unchanged, or hooks were added meanwhile: leave the registry's own linking alone
         for ref in remaining:
@@ -136,7 +136,7 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return sample if isinstance(sample, torch.Tensor) else None
 
 
-class _NoState(BaseState):
+class _NoState(internals.BaseState):
     def reset(self, *args: Any, **kwargs: Any) -> None:
         pass
 
@@ -153,14 +153,14 @@ class DenoiserContextHook(ModelHook):
     def __init__(self, session: AccelSession) -> None:
         super().__init__()
         self.session = session
-        self.state_manager = StateManager(_NoState)
+        self.state_manager = internals.StateManager(_NoState)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.session.run_forward(self.fn_ref.original_forward, module, args, kwargs,
-                                        self.state_manager._context)
+                                        internals.current_cache_context(self.state_manager))
 
 
 class BlockCounterHook(ModelHook):
@@ -255,21 +255,22 @@ class AccelSession:
         Returns the name it was registered under: ``name``, or ``name#2``, ... where another session sharing the
         denoiser already holds ``name`` on this module.
         """
-        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry = internals.HookRegistry.check_if_exists_or_initialize(module)
         unique, n = name, 1
         while unique in registry.hooks:
             n += 1
             unique = f"{name}#{n}"
         registry.register_hook(hook, unique)
-        self._gated.add(id(registry._fn_refs[-1]))
-        _gate(registry._fn_refs[-1], self.is_active)
+        newest = internals.hook_fn_refs(registry)[-1]
+        self._gated.add(id(newest))
+        _gate(newest, self.is_active)
         self._undo.append(functools.partial(self._remove_hook, module, unique))
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
+        internals.HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
         return unique
 
     @staticmethod
     def _remove_hook(module: torch.nn.Module, name: str) -> None:
-        registry = module.__dict__.get("_diffusers_hook")
+        registry = internals.hook_registry(module)
         if registry is not None:
             with relinked_hook_chains([module]):
                 registry.remove_hook(name, recurse=False)
@@ -277,9 +278,9 @@ class AccelSession:
     def _hook_refs(self) -> dict[int, Any]:
         refs = {}
         for module in self.denoiser.modules():
-            registry = module.__dict__.get("_diffusers_hook")
+            registry = internals.hook_registry(module)
             if registry is not None:
-                refs.update((id(ref), ref) for ref in registry._fn_refs)
+                refs.update((id(ref), ref) for ref in internals.hook_fn_refs(registry))
         return refs
 
     def _attach_method(self, method: Method) -> None:
@@ -300,7 +301,7 @@ class AccelSession:
 
     def _take_snapshot(self) -> None:
         """Record which modules had a hook registry / instance ``forward`` before any session attached."""
-        current = {id(m): (hasattr(m, "_diffusers_hook"), "forward" in m.__dict__) for m in self.denoiser.modules()}
+        current = {id(m): (internals.has_hook_registry(m), "forward" in m.__dict__) for m in self.denoiser.modules()}
         others = [s for s in sessions_on(self.denoiser) if s is not self]
         # Sessions sharing the denoiser saw it before our hooks: their record is the untouched state.
         self._snapshot = {**current, **others[0]._snapshot} if others else current
@@ -309,16 +310,17 @@ class AccelSession:
         """Drop hook registries and instance ``forward`` attributes that did not exist before we attached."""
         for module in self.denoiser.modules():
             had_registry, had_forward = self._snapshot.get(id(module), (False, False))
-            registry = module.__dict__.get("_diffusers_hook")
+            registry = internals.hook_registry(module)
             if registry is not None and registry.hooks:
                 continue  # hooks that are not ours are still there: leave the module alone
             forward = module.__dict__.get("forward")
             if not had_forward and forward is not None and getattr(forward, "__self__", None) is module:
                 del module.forward  # HookRegistry leaves the original bound method as an instance attribute
             if registry is not None and not had_registry:
-                del module._diffusers_hook
-        if hasattr(self.denoiser, "_diffusers_hook"):
-            self.denoiser._diffusers_hook.invalidate_child_registries_cache()
+                internals.drop_hook_registry(module)
+        registry = internals.hook_registry(self.denoiser)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
 
     def attach(self) -> None:
         """Attach every method, then the context hook (outermost), on the denoiser and on every expert; then
@@ -343,7 +345,7 @@ class AccelSession:
         self._keep_hooks_eager()
         if _compile.ensure_repeated_blocks(self.denoiser, self.adapter):
             denoiser = self.denoiser
-            self._undo.append(lambda: denoiser.__dict__.pop("_repeated_blocks", None))
+            self._undo.append(lambda: internals.drop_repeated_blocks(denoiser))
         for index, block in enumerate(self.blocks):
             self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
         for method in sorted(self.methods, key=lambda m: -m.priority):
@@ -406,7 +408,7 @@ class AccelSession:
     # ------------------------------------------------------------------ torch.compile
     def _keep_hooks_eager(self) -> None:
         """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
-        names = {__name__, "diffusion_accel.stats", "diffusion_accel.context", "diffusion_accel.blocks",
+        names = {__name__, "diffusion_accel.call_stats", "diffusion_accel.context", "diffusion_accel.blocks",
                  "diffusion_accel.row_store"}
         names.update(type(method).__module__ for method in self.methods)
         for name in sorted(names):
@@ -449,8 +451,7 @@ class AccelSession:
 
         call = relinked_call
         for method in self.methods:  # methods that re-shape the whole call (bottleneck stages) wrap it
-            if hasattr(method, "wrap_call"):
-                call = functools.partial(method.wrap_call, self, call)
+            call = functools.partial(method.wrap_call, self, call)
         token = _ACTIVE_SESSION.set(self)
         try:
             check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply
@@ -479,7 +480,7 @@ class AccelSession:
             self.context = StepContext(call_index=previous + 1, cfg_mode=self.adapter.cfg_mode(call_args))
             self.resolver.reset()
             self.stats = CallStats(methods=[m.name for m in self.methods])
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+        internals.HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
         for method in self.methods:
             method.on_call_begin(self)
 
@@ -503,7 +504,7 @@ class AccelSession:
         """Bytes held by the methods and their hooks (Diffusers' cache states included), by dtype."""
         roots: list[Any] = list(self.methods)
         for module in self.denoiser.modules():
-            registry = module.__dict__.get("_diffusers_hook")
+            registry = internals.hook_registry(module)
             if registry is not None:
                 roots += [hook for hook in registry.hooks.values() if id(hook.fn_ref) in self._gated]
         return tensor_footprint(roots, skip_types=(AccelSession, StepContext))
@@ -546,7 +547,7 @@ class AccelSession:
         return branch, [(branch, i) for i in range(batch)]
 
     def run_forward(self, forward: Callable[..., Any], module: torch.nn.Module, args: tuple, kwargs: dict,
-                    diffusers_context: CacheContext | None) -> Any:
+                    diffusers_context: internals.CacheContext | None) -> Any:
         ctx = self.context
         scheduler = getattr(self.pipe, "scheduler", None)
         step, num_steps, timestep, new_schedule = self.resolver.resolve(
@@ -570,7 +571,7 @@ class AccelSession:
 
         set_context = self._set_diffusers_context and diffusers_context is None
         if set_context:
-            _set_cache_context(module, CacheContext(
+            internals.set_cache_context(module, internals.CacheContext(
                 ctx.branch, step_index=step, num_inference_steps=num_steps, timestep=timestep, sigma=ctx.sigma,
             ))
         try:
@@ -581,5 +582,5 @@ class AccelSession:
             return output
         finally:
             if set_context:
-                _set_cache_context(module, None)
+                internals.set_cache_context(module, None)
             self.stats.end_forward()

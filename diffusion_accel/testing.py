@@ -1,8 +1,47 @@
-"""Offline tiny pipelines for tests: ``FAMILIES`` and ``tiny_pipeline(family, seed=0)``.
+"""Helpers for tests, ours and those of code that adds a family or a method.
 
-Each builds the family's real Diffusers pipeline class with tiny random components and tokenizers made in code.
+``FAMILIES`` and ``tiny_pipeline(family, seed=0)`` build each family's real Diffusers pipeline class with tiny random
+components and tokenizers made in code; :func:`run_pipe` calls one with a fixed seed and small sizes, and
+:func:`fingerprint` records what ``remove`` (or a failed ``apply``) must leave unchanged.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "tiny_call_kwargs", "tiny_pipeline"]
+__all__ = ["FAMILIES", "fingerprint", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
+
+
+def run_pipe(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:
+    """Call a tiny pipeline with fixed seed and small sizes; return its output as one float tensor."""
+    kwargs = {**tiny_call_kwargs(family), **overrides}
+    if "pixart" in family:
+        kwargs.setdefault("clean_caption", False)
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    result = out.images if hasattr(out, "images") else out.frames
+    return torch.as_tensor(result).float()
+
+
+def fingerprint(pipe: Any) -> dict[str, Any]:
+    """What must be unchanged after a failed apply or a remove: class, attributes, forwards and hook registries."""
+    from .pipelines.adapters import find_adapter
+
+    denoiser = find_adapter(pipe).get_denoiser(pipe)
+    modules = {}
+    for name, m in denoiser.named_modules():
+        registry = internals.hook_registry(m)
+        own = {"forward": "forward" in m.__dict__, "hook_registry": registry is not None,
+               "cache_config": internals.has_own_cache_config(m)}
+        modules[name] = (sorted(k for k, present in own.items() if present),
+                         sorted(registry.hooks) if registry is not None else None)
+    return {
+        "class": type(pipe),
+        "attrs": sorted(pipe.__dict__),
+        "modules": modules,
+        "processors": {n: type(p) for n, p in getattr(denoiser, "attn_processors", {}).items()},
+    }

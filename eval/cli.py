@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import parse_key_values
 from .preprocess import DEFAULT_MODE, MODES
-
-
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return options
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,12 +51,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from .runner import EvalConfig
 
-    call = _key_values(args.call, "--call")
+    call = parse_key_values(args.call, "--call")
     for name in ("steps", "guidance_scale", "height", "width", "num_frames"):
         value = getattr(args, name, None)
         if value is not None:
             call["num_inference_steps" if name == "steps" else name] = value
-    options = _key_values(args.set, "--set")
+    options = parse_key_values(args.set, "--set")
     methods = [m for m in args.method if m and m != "baseline"]
     if options and len(methods) != 1:
         raise SystemExit("--set needs exactly one --method")

@@ -71,11 +71,11 @@ class EvalConfig:
 
 
 def default_pipeline_factory(name: str | None) -> Any:
-    """``diffusion_accel.load_pipeline(name)`` (imported lazily); ``None`` → the CLI's default pipeline."""
+    """``diffusion_accel.load_pipeline(name)`` (imported lazily); ``None`` → the project's default pipeline."""
     import diffusion_accel
 
     if name is None:
-        from diffusion_accel.cli import default_pipeline
+        from diffusion_accel.loading import default_pipeline
 
         name = default_pipeline()
     return diffusion_accel.load_pipeline(name)
@@ -83,8 +83,7 @@ def default_pipeline_factory(name: str | None) -> Any:
 
 def _default_call_kwargs(pipeline: str | None) -> dict[str, Any]:
     """The project's own call defaults for ``tiny:``/``testbed:`` names (prompt / labels are set per item)."""
-    from diffusion_accel.cli import default_pipeline
-    from diffusion_accel.loading import base_call_kwargs
+    from diffusion_accel.loading import base_call_kwargs, default_pipeline
 
     return base_call_kwargs(pipeline or default_pipeline())
 
@@ -211,7 +210,7 @@ def generate(config: EvalConfig, pipeline_factory: PipelineFactory | None = None
 
 
 def _load_prompts(source: str) -> list[str]:
-    from .prompts import load_prompts
+    from ..prompts import load_prompts
 
     return load_prompts(source)
 

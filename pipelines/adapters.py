@@ -118,7 +118,7 @@ class ModelAdapter:
         return self.cfg_layout
 
 
-# Reasons shared by several families (tests/test_families.py runs every method the adapters allow).
+# Reasons shared by several families (tests/engine/test_families.py runs every method the adapters allow).
 _CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that its disable_cache leaves behind"
 _CACHE_DIT_OUTLIVES_DISABLE = ("cache-dit 1.5.3's patch functor rewrites block forwards in a way that outlives "
                                "disable_cache (Diffusers' FirstBlockCache then fails on the same model)")
@@ -292,17 +292,14 @@ def _register_block_classes() -> None:
     families that Diffusers 0.42 leaves out return their hidden states."""
     import importlib
 
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from ..diffusers_internals import register_block_class
 
-    TransformerBlockRegistry._register()
     for module, name, hidden_index, encoder_index in _UNREGISTERED_BLOCKS:
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # an older Diffusers without this family
             continue
-        if cls not in TransformerBlockRegistry._registry:
-            TransformerBlockRegistry.register(cls, TransformerBlockMetadata(
-                return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index))
+        register_block_class(cls, hidden_index, encoder_index)
 
 
 #: (module, class, index of hidden_states in its return, index of encoder_hidden_states or None when it returns

@@ -1,1 +1,1 @@
-"""Benchmarks behind the numbers in the README and the issue notes: each prints a table and writes JSON."""
+"""Benchmarks behind the numbers in the README and docs/results: each prints a table and writes JSON."""

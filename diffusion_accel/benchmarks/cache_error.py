@@ -154,7 +154,7 @@ def measure_cache_error(pipeline: str, method: str, num_prompts: int = 16, steps
     model's ``"native"`` output)."""
     import diffusion_accel as da
 
-    from ..bench import _generate, parse_method_specs
+    from ..bench import generate, parse_method_specs
 
     if space not in ("native", *SPACES):
         raise ValueError(f"Unknown space {space!r}; choose 'native' or one of {SPACES}.")
@@ -179,7 +179,7 @@ def measure_cache_error(pipeline: str, method: str, num_prompts: int = 16, steps
                 kwargs = setup.call_kwargs(batch, [seed + start + i for i in range(len(batch))])
                 kwargs.update(spec.call_overrides)
                 recorder.reset()
-                _generate(pipe, kwargs)
+                generate(pipe, kwargs)
                 recorder.finish()
                 expected = int(kwargs["num_inference_steps"])
                 if recorder.steps != expected:
@@ -222,7 +222,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import default_pipeline
+    from ..loading import default_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=None)

@@ -30,9 +30,9 @@ class DiagnosisSetup:
         return float(self.probe.get(self.adapter.cfg_scale_arg) or 1.0)
 
     def call_kwargs(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
-        from ..bench import _call_kwargs
+        from ..bench import call_kwargs
 
-        return _call_kwargs(self.pipe, self.adapter.family, prompts, self.base_kwargs, self.steps,
+        return call_kwargs(self.pipe, self.adapter.family, prompts, self.base_kwargs, self.steps,
                             self.guidance_scale, None, seeds)
 
 
@@ -41,16 +41,17 @@ def load_setup(pipeline: str, num_prompts: int, steps: int | None, guidance_scal
     """Load ``pipeline`` (testbed names on the quality tier) with the bench's prompts and call defaults."""
     import diffusion_accel as da
 
-    from ..bench import _call_kwargs, _load_prompts
+    from ..bench import call_kwargs
     from ..loading import base_call_kwargs
+    from ..prompts import bench_prompts
 
     pipe = da.load_pipeline(pipeline, tier="quality") if pipeline.startswith("testbed:") else da.load_pipeline(
         pipeline)
     pipe.set_progress_bar_config(disable=True)
     adapter = da.find_adapter(pipe)
     base = base_call_kwargs(pipeline, "quality")
-    prompts = _load_prompts(pipeline, num_prompts, None)
-    probe = _call_kwargs(pipe, adapter.family, prompts[:1], base, steps, guidance_scale, None, [seed])
+    prompts = bench_prompts(pipeline, num_prompts, None)
+    probe = call_kwargs(pipe, adapter.family, prompts[:1], base, steps, guidance_scale, None, [seed])
     return DiagnosisSetup(pipeline, pipe, adapter, base, prompts, probe, steps, guidance_scale)
 
 

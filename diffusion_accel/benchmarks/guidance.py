@@ -33,7 +33,7 @@ def matched_cutoff(pipeline: str, threshold: float, num_prompts: int, steps: int
 def main(argv: list[str] | None = None) -> int:
     from ..bench import markdown_table, run_bench
     from ..calibrate import calibrate_linear_ag, calibration_set
-    from ..cli import default_pipeline
+    from ..loading import default_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=None)

@@ -93,7 +93,7 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                 batch_size: int = 8) -> dict[str, Any]:
     """The untouched run, then one run per (kind, step set, size); metrics against the untouched run."""
-    from ..bench import _fidelity, _generate, _to_uint8
+    from ..bench import fidelity, generate, to_uint8
 
     for kind in kinds:  # bad options fail before minutes of generation, not after the untouched run
         for size in sizes:
@@ -109,7 +109,7 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
     num_steps = int(probe["num_inference_steps"])
     denoiser = adapter.get_denoiser(pipe)
 
-    def generate(noise: PredictionNoise | None) -> np.ndarray:
+    def run(noise: PredictionNoise | None) -> np.ndarray:
         handle = denoiser.register_forward_hook(noise, with_kwargs=True) if noise is not None else None
         try:
             chunks = []
@@ -117,7 +117,7 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
                 batch = prompts[start:start + batch_size]
                 if noise is not None:
                     noise.reset()
-                chunks.append(_to_uint8(_generate(pipe, setup.call_kwargs(
+                chunks.append(to_uint8(generate(pipe, setup.call_kwargs(
                     batch, [seed + start + i for i in range(len(batch))]))))
             return np.concatenate(chunks)
         finally:
@@ -126,7 +126,7 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
 
     from ..eval.paired import paired_summary
 
-    reference = generate(None)
+    reference = run(None)
     testbed = pipeline.startswith("testbed:")
     ref_adherence, ref_flags, ref_fid = _testbed_metrics(reference, prompts) if testbed else (None, None, None)
     rows = [{"kind": "none", "steps": "-", "size": 0.0, "psnr_vs_baseline": float("inf"), "adherence": ref_adherence,
@@ -135,10 +135,10 @@ def run_control(pipeline: str, kinds: list[str], step_sets: list[str], sizes: li
     for kind in kinds:
         for name in step_sets:
             for size in sizes:
-                images = generate(PredictionNoise(adapter, kind, size, step_set(name, num_steps), scale,
-                                                  cfg=cfg_mode == "batched"))
+                images = run(PredictionNoise(adapter, kind, size, step_set(name, num_steps), scale,
+                                     cfg=cfg_mode == "batched"))
                 row: dict[str, Any] = {"kind": kind, "steps": name, "size": size,
-                                       "psnr_vs_baseline": _fidelity(images, reference)[0], "adherence": None,
+                                       "psnr_vs_baseline": fidelity(images, reference)[0], "adherence": None,
                                        "fid_shapes": None, "lost": None, "gained": None}
                 if testbed:
                     adherence, flags, fid = _testbed_metrics(images, prompts)
@@ -181,7 +181,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import default_pipeline
+    from ..loading import default_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=None)

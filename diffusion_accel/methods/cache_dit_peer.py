@@ -41,7 +41,7 @@ class DBCacheConfig(MethodConfig):
 
     name: ClassVar[str] = "dbcache"
     # Families where cache-dit's transformer-only mode fails or disable_cache does not restore the model exactly
-    # say so in their adapter's ``unsupported_methods`` (tests/test_families.py checks the rest round-trip).
+    # say so in their adapter's ``unsupported_methods`` (tests/engine/test_families.py checks the rest round-trip).
     families: ClassVar[tuple[str, ...] | None] = families_where(lambda a: bool(a.block_lists))
     summary: ClassVar[str] = "cache-dit DBCache (peer; needs the [peers] extra)"
     exclusive_group: ClassVar[str] = "diffusers_cache"

@@ -11,6 +11,8 @@ Paper symbol → parameter: N → ``interval``, N_c → ``num_cached_blocks``, b
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,7 +41,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _preset_under_explicit_fields(cls: type) -> type:
+    """Make ``preset=`` fill the fields a caller did not pass (explicit fields override the preset).
+
+    Wraps the dataclass ``__init__``, the one place that knows which fields were passed, so that the fields keep
+    their real defaults and ``validate`` only validates.
+    """
+    generated = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.update(zip(names, args, strict=False))
+        preset = kwargs.get("preset")
+        if isinstance(preset, str) and preset in PRESETS:
+            kwargs = {**PRESETS[preset], **kwargs}
+        generated(self, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 @register_method
+@_preset_under_explicit_fields
 @dataclass
 class DeltaCacheConfig(MethodConfig):
     """Δ-DiT's stage-adaptive Δ-cache.
@@ -58,26 +82,16 @@ class DeltaCacheConfig(MethodConfig):
 
     name: ClassVar[str] = "delta_cache"
     summary: ClassVar[str] = "Δ-DiT Δ-cache: skip a block range, add its cached deviation (stage-adaptive)"
-    interval: int | None = None
-    num_cached_blocks: int | float | None = None
-    boundary: int | float | None = None
+    interval: int = 2
+    num_cached_blocks: int | float = 0.75
+    boundary: int | float = 0.6
     stage_order: str = "rear_then_front"
     warmup_steps: int = 0
     preset: str | None = None
 
     def validate(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"Unknown delta_cache preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
-            for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) is None:
-                    setattr(self, key, value)
-        if self.interval is None:
-            self.interval = 2
-        if self.num_cached_blocks is None:
-            self.num_cached_blocks = 0.75
-        if self.boundary is None:
-            self.boundary = 0.6
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Unknown delta_cache preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"delta_cache interval (N) must be an int >= 1, got {self.interval!r}.")
         n_c = self.num_cached_blocks

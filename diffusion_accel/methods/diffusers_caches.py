@@ -19,6 +19,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..config import MethodConfig, register_method
+from ..diffusers_internals import (
+    ATTENTION_CLASSES,
+    CACHE_HOOK_NAMES,
+    TRANSFORMER_BLOCK_LIST_NAMES,
+    HookRegistry,
+    block_metadata,
+    cache_config_of,
+    drop_cleared_cache_config,
+    has_own_cache_config,
+    hook_registry,
+    unwrap_module,
+)
 from ..method import Method
 from ..pipelines.adapters import families_where
 
@@ -35,20 +47,15 @@ def _diffusers_cache_table() -> dict[type, tuple[Any, tuple[str, ...]]]:
     ``DiTTransformer2DModel``), which have no ``enable_cache``.
     """
     from diffusers import hooks
-    from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast
-    from diffusers.hooks import taylorseer_cache as taylorseer
 
-    return {
-        hooks.FirstBlockCacheConfig: (hooks.apply_first_block_cache,
-                                      (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK)),
-        hooks.MagCacheConfig: (hooks.apply_mag_cache,
-                               (mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK)),
-        hooks.PyramidAttentionBroadcastConfig: (hooks.apply_pyramid_attention_broadcast,
-                                                (pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK,)),
-        hooks.FasterCacheConfig: (hooks.apply_faster_cache,
-                                  (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK)),
-        hooks.TaylorSeerCacheConfig: (hooks.apply_taylorseer_cache, (taylorseer._TAYLORSEER_CACHE_HOOK,)),
+    applies = {
+        hooks.FirstBlockCacheConfig: hooks.apply_first_block_cache,
+        hooks.MagCacheConfig: hooks.apply_mag_cache,
+        hooks.PyramidAttentionBroadcastConfig: hooks.apply_pyramid_attention_broadcast,
+        hooks.FasterCacheConfig: hooks.apply_faster_cache,
+        hooks.TaylorSeerCacheConfig: hooks.apply_taylorseer_cache,
     }
+    return {cls: (apply, CACHE_HOOK_NAMES[cls.__name__]) for cls, apply in applies.items()}
 
 
 def _diffusers_cache_api(config: Any) -> tuple[Any, tuple[str, ...]]:
@@ -60,7 +67,7 @@ def diffusers_cache_hooks_on(denoiser: torch.nn.Module) -> list[str]:
     known = {name for _, names in _diffusers_cache_table().values() for name in names}
     found: set[str] = set()
     for module in denoiser.modules():
-        registry = module.__dict__.get("_diffusers_hook")
+        registry = hook_registry(module)
         if registry is not None:
             found.update(name for name in registry.hooks if name in known)
     return sorted(found)
@@ -68,25 +75,21 @@ def diffusers_cache_hooks_on(denoiser: torch.nn.Module) -> list[str]:
 
 def diffusers_block_lists(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks Diffusers' FirstBlockCache and MagCache hook: every ``ModuleList`` child with a block-list name."""
-    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-
     return [block for name, child in denoiser.named_children()
-            if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+            if name in TRANSFORMER_BLOCK_LIST_NAMES and isinstance(child, torch.nn.ModuleList)
             for block in child]
 
 
 def unregistered_block_reason(name: str, blocks: list[torch.nn.Module]) -> str | None:
     """Why ``name`` cannot read these blocks' streams: a block class missing from ``TransformerBlockRegistry``."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-    from diffusers.utils.torch_utils import unwrap_module
-
     for block in blocks:
         cls = unwrap_module(block).__class__
         try:
-            TransformerBlockRegistry.get(cls)
+            block_metadata(cls)
         except ValueError:
             return (f"{name} needs to know where {cls.__name__} keeps its hidden states; register it with "
-                    "diffusers.hooks._helpers.TransformerBlockRegistry.register(cls, TransformerBlockMetadata(...))")
+                    "Diffusers' TransformerBlockRegistry via "
+                    "diffusion_accel.diffusers_internals.register_block_class(cls, hidden_index, encoder_index)")
     return None
 
 
@@ -97,13 +100,12 @@ class DiffusersCacheMethod(Method):
     priority = 40
 
     def attach(self, session: AccelSession) -> None:
-        from diffusers.hooks import HookRegistry
         from diffusers.models.cache_utils import CacheMixin
 
         denoiser = session.denoiser
         self._diffusers_config = self.config.to_diffusers(session)
         apply_fn, self._hook_names = _diffusers_cache_api(self._diffusers_config)
-        self._had_cache_attr = "_cache_config" in denoiser.__dict__
+        self._had_cache_attr = has_own_cache_config(denoiser)
         self._through_mixin = False
         if isinstance(denoiser, CacheMixin):
             denoiser.enable_cache(self._diffusers_config)
@@ -131,8 +133,6 @@ class DiffusersCacheMethod(Method):
         denoiser.disable_cache = disable_cache
 
     def detach(self, session: AccelSession) -> None:
-        from diffusers.hooks import HookRegistry
-
         denoiser = session.denoiser
         config = getattr(self, "_diffusers_config", None)
         if config is None:
@@ -142,11 +142,11 @@ class DiffusersCacheMethod(Method):
             del denoiser.disable_cache
         self._safe_disable = None
         if self._through_mixin:
-            if getattr(denoiser, "_cache_config", None) is config:
+            if cache_config_of(denoiser) is config:
                 denoiser.disable_cache()
             # else: the user's disable_cache() already removed it (and maybe enabled another one: leave that)
-            if not self._had_cache_attr and denoiser.__dict__.get("_cache_config", ...) is None:
-                del denoiser._cache_config
+            if not self._had_cache_attr:
+                drop_cleared_cache_config(denoiser)
         else:  # no CacheMixin, or enable_cache failed half-way: remove whatever hooks it registered
             registry = HookRegistry.check_if_exists_or_initialize(denoiser)
             for name in self._hook_names:
@@ -161,7 +161,7 @@ def diffusers_cache_clash_reason(adapter: ModelAdapter, pipe: Any) -> str | None
 
     denoiser = adapter.get_denoiser(pipe)
     for session in sessions_on(denoiser):
-        held = [c.name for c in session.configs if getattr(c, "exclusive_group", None) == "diffusers_cache"]
+        held = [c.name for c in session.configs if c.exclusive_group == "diffusers_cache"]
         if held and session.pipe is not pipe:
             return (f"the {adapter.denoiser} is shared with another pipeline ({type(session.pipe).__name__}) that "
                     f"has diffusion_accel's {held[0]} on it, and a model holds one such cache at a time; call "
@@ -324,10 +324,8 @@ class MagCache(_DiffusersCacheConfig):
 
 
 def _no_attention_reason(name: str, adapter: ModelAdapter, pipe: Any) -> str | None:
-    from diffusers.hooks._common import _ATTENTION_CLASSES
-
     denoiser = adapter.get_denoiser(pipe)
-    if not any(isinstance(m, _ATTENTION_CLASSES) for m in denoiser.modules()):
+    if not any(isinstance(m, ATTENTION_CLASSES) for m in denoiser.modules()):
         return (f"{name} caches the outputs of Diffusers attention modules and this {adapter.denoiser} has none; "
                 "use a block cache (delta_cache, fbcache) instead")
     return None

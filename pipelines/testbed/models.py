@@ -155,6 +155,8 @@ def measure_forward_seconds(name: str, tier: str = "speed", batch: int = 2, repe
 
     from diffusers import FluxPipeline
 
+    from ...diffusers_internals import prepare_latent_image_ids
+
     transformer = build_transformer(name, tier, seed).eval()
     side = LATENT_SIZE * (2 if tier == "speed" else 1)
     gen = torch.Generator().manual_seed(seed)
@@ -171,7 +173,8 @@ def measure_forward_seconds(name: str, tier: str = "speed", batch: int = 2, repe
                     encoder_hidden_states=torch.randn(batch, 32, cfg.joint_attention_dim, generator=gen),
                     pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
                     timestep=torch.full((batch,), 0.5), txt_ids=torch.zeros(32, 3),
-                    img_ids=FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, "cpu", torch.float32))
+                    img_ids=prepare_latent_image_ids(FluxPipeline, batch, side // 2, side // 2, "cpu",
+                                                            torch.float32))
     transformer(**args)  # warm-up
     times = []
     for _ in range(repeats):

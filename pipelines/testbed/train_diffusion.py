@@ -165,13 +165,15 @@ class FlowObjective:
     def __init__(self, pipe, captions: list[str], latents: list[torch.Tensor], scaling: float, shift: float):
         from diffusers import FluxPipeline
 
+        from ...diffusers_internals import pack_latents, prepare_latent_image_ids
+
         self.x0: list[torch.Tensor] = []
         self.img_ids: list[torch.Tensor] = []
         for lat in latents:
             x0 = (lat - shift) * scaling
             b, c, h, w = x0.shape
-            self.x0.append(FluxPipeline._pack_latents(x0, b, c, h, w))
-            self.img_ids.append(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, torch.float32))
+            self.x0.append(pack_latents(FluxPipeline, x0, b, c, h, w))
+            self.img_ids.append(prepare_latent_image_ids(FluxPipeline, b, h // 2, w // 2, x0.device, torch.float32))
         self.rows, self.log_counts, self.pooled = encode_flux_text(pipe, captions)
         self.txt_ids = torch.zeros(self.rows.shape[1], 3, device=self.x0[0].device)
 

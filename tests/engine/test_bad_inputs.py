@@ -8,12 +8,11 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.config import _REGISTRY, MethodConfig
 from diffusion_accel.method import Method
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 
 @pytest.fixture(scope="module")

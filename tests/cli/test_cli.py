@@ -82,3 +82,22 @@ def test_default_output_is_ours_only_and_verbose_shows_the_rest(tmp_path):
     verbose = _run_cli(*args, "--verbose", cwd=tmp_path)
     assert "it/s" in verbose or "s/it" in verbose  # Diffusers' progress bar
     assert "[Cache-DiT]" in verbose and "[Cache-DiT]" not in quiet  # cache-dit's log lines
+
+
+def test_one_key_value_parser_for_set_call_and_bench_options():
+    import pytest
+
+    from diffusion_accel.config import parse_key_value, parse_key_values
+
+    assert parse_key_values(["interval=2", " num-cached-blocks =[1, 2]", "name=abc"], "--set") == {
+        "interval": 2, "num_cached_blocks": [1, 2], "name": "abc"}
+    with pytest.raises(ValueError, match="--call expects KEY=VALUE"):
+        parse_key_value("steps", "--call")
+
+
+def test_every_sub_command_is_registered():
+    from diffusion_accel.cli import build_parser
+
+    text = build_parser().format_help()
+    for command in ("generate", "list-methods", "info", "bench", "calibrate", "testbed", "eval"):
+        assert command in text

@@ -7,10 +7,9 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 
 def _quiet(pipe):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
-from diffusion_accel.testing import FAMILIES, tiny_pipeline
+from diffusion_accel.testing import FAMILIES, fingerprint, run_pipe, tiny_pipeline
 
 
 def test_families_cover_the_issue_list():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.methods.bottleneck import BottleneckConfig, stage_sigmas
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 SIZES = {"flux": 64, "sd3": 64, "wan": 32, "hunyuan_video": 32, "ltx_video": 64}
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.calibrate import calibrate_linear_ag, calibration_set
 from diffusion_accel.methods.linear_ag import fit_coefficients, load_coefficients, save_coefficients
+from diffusion_accel.testing import run_pipe
 
 
 def test_fit_recovers_known_affine_model():

@@ -53,7 +53,7 @@ def test_the_engine_sees_the_contract_arguments():
     pipe = da.load_pipeline("testbed:flow")
     handle = da.apply(pipe)
     pipe("a red circle", num_inference_steps=2)
-    assert handle._session.context.cfg_mode == "separate"  # true CFG 4.0 comes from the contract
+    assert handle.session.context.cfg_mode == "separate"  # true CFG 4.0 comes from the contract
     assert da.stats(pipe)["nfe"] == 4
     handle.remove()
 

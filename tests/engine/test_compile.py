@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
+from diffusion_accel.testing import fingerprint, run_pipe
 
 #: Methods whose hooks sit on modules inside the blocks (attention): regional compile needs fullgraph=False for them.
 INSIDE_BLOCKS = {"pab", "taylorseer", "fastercache", "sparse_attention"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fingerprint
 from diffusion_accel.kernels.dense import dense_attention, xformers_unavailable_reason
 
 import diffusion_accel as da
+from diffusion_accel.testing import fingerprint
 
 
 def _qkv(device="cpu", dtype=torch.float32):

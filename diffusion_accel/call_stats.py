@@ -1,7 +1,8 @@
 """Per-call statistics: denoiser forwards (NFE), blocks run or skipped per step, skipped unconditional rows, time.
 
 ``diffusion_accel.stats(pipe)`` returns :meth:`CallStats.to_dict` of the last pipeline call; ``print(stats)``-style
-tables come from :func:`format_stats` (like cache-dit's ``summary``).
+tables come from :func:`format_stats` (like cache-dit's ``summary``). This module is ``call_stats`` rather than
+``stats`` so that the package attribute ``diffusion_accel.stats`` (the function) does not hide it.
 """
 
 from __future__ import annotations

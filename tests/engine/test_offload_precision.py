@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.session import NonFiniteOutputError
+from diffusion_accel.testing import fingerprint, run_pipe
 
 FAMILY = "flux"
 

@@ -14,10 +14,10 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from conftest import fingerprint, run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.parallel import NOT_RANK_CONSISTENT
+from diffusion_accel.testing import fingerprint, run_pipe
 
 
 def _cp(pipe, ulysses=2):

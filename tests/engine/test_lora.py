@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint
 
 import diffusion_accel as da
+from diffusion_accel.testing import fingerprint
 
 pytest.importorskip("peft")
 

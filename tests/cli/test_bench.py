@@ -39,7 +39,7 @@ def test_quality_tier_counts_macs_over_every_prompt(tmp_path):
     """Quality tier: the denoiser MACs are the sum over all prompts' calls (the mean cost of per-prompt-adaptive
     methods), i.e. n prompts cost n times one prompt for a method whose work does not depend on the prompt."""
     import diffusion_accel as da
-    from diffusion_accel.bench import MethodSpec, _call_kwargs, count_denoiser_macs
+    from diffusion_accel.bench import MethodSpec, call_kwargs, count_denoiser_macs
     from diffusion_accel.loading import base_call_kwargs
 
     report = run_bench("tiny:flux", "baseline,steps=2", num_prompts=3, steps=4, repeats=1, batch_size=1,
@@ -48,7 +48,7 @@ def test_quality_tier_counts_macs_over_every_prompt(tmp_path):
     assert settings["macs_counted_over"] == "all prompts"
     pipe = da.load_pipeline("tiny:flux")
     pipe.set_progress_bar_config(disable=True)
-    kwargs = _call_kwargs(pipe, "flux", ["a red circle"], base_call_kwargs("tiny:flux"), 4, None, None, [0])
+    kwargs = call_kwargs(pipe, "flux", ["a red circle"], base_call_kwargs("tiny:flux"), 4, None, None, [0])
     one = count_denoiser_macs(pipe, kwargs, MethodSpec(label="baseline"))
     assert settings["denoiser_macs"]["baseline"] == 3 * one
     assert report["methods"]["steps=2"]["macs_ratio"] == 2.0

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 import diffusion_accel as da
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 #: Each Diffusers cache we wrap, on a family whose transformer mixes in CacheMixin, and that call's NFE.
 WRAPPED = {"fbcache": "flux", "taylorseer": "flux", "magcache": "flux", "pab": "flux", "fastercache": "cogvideox"}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_pipe
 
 import diffusion_accel as da
 from diffusion_accel.methods.delta_cache import DeltaCacheConfig
 from diffusion_accel.row_store import RowStore
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import run_pipe, tiny_pipeline
 
 
 @pytest.mark.parametrize("family", ["pixart_alpha", "flux", "wan", "sd3", "hunyuan_video"])
@@ -26,7 +25,7 @@ def test_interval_one_is_bit_identical(family):
 def test_cached_step_is_range_input_plus_stored_delta():
     pipe = tiny_pipeline("pixart_alpha")
     handle = da.apply(pipe, "delta_cache", interval=2, num_cached_blocks=2, boundary=0)  # front range only
-    method = handle._session.methods[0]
+    method = handle.session.methods[0]
     blocks = pipe.transformer.transformer_blocks
     inputs: dict[int, list[torch.Tensor]] = {0: [], 2: []}
     deltas: list[torch.Tensor] = []
@@ -36,7 +35,7 @@ def test_cached_step_is_range_input_plus_stored_delta():
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             inputs[index].append(hidden.clone())
             if index == 2 and not method.plan.full:
-                deltas.append(method.stores["front"].get(handle._session.context.rows)[0].clone())
+                deltas.append(method.stores["front"].get(handle.session.context.rows)[0].clone())
         return hook
 
     hooks = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in (0, 2)]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_pipe
 
 import diffusion_accel as da
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import run_pipe, tiny_pipeline
 
 FAMILIES = ["pixart_alpha", "dit", "sd3", "flux", "wan", "cogvideox", "ltx_video", "sd"]
 

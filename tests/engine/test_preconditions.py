@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fingerprint, run_pipe
 from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
 from diffusion_accel.config import registered_methods
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 
 def _with_blocks(family: str, count: int):

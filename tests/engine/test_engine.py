@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import fingerprint, run_pipe
 from diffusers.hooks import ModelHook
 
 import diffusion_accel as da
-from diffusion_accel.testing import tiny_pipeline
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 
 class _Recorder(ModelHook):
@@ -26,7 +25,7 @@ class _Recorder(ModelHook):
 
 def _record(pipe, family, **call):
     handle = da.apply(pipe)
-    session = handle._session
+    session = handle.session
     recorder = _Recorder(session)
     # Register inside the context hook: remove it, add the recorder, put the context hook back outermost.
     from diffusion_accel.session import _CONTEXT_HOOK, DenoiserContextHook
@@ -139,3 +138,20 @@ def test_stacks_with_diffusers_group_offloading():
     assert torch.isfinite(cached).all()
     assert fingerprint(pipe) == before
     assert torch.equal(run_pipe(pipe, "flux"), baseline)
+
+
+def test_statistics_module_is_importable_beside_the_stats_function():
+    import importlib
+
+    import diffusion_accel as da
+
+    module = importlib.import_module("diffusion_accel.call_stats")
+    assert hasattr(module, "CallStats") and callable(da.stats)
+
+
+def test_method_extension_points_are_declared_on_the_base_classes():
+    from diffusion_accel.config import MethodConfig
+    from diffusion_accel.method import Method
+
+    assert MethodConfig.exclusive_group is None
+    assert Method.wrap_call(None, None, lambda pipe, x: (pipe, x), "pipe", 1) == ("pipe", 1)
