@@ -142,8 +142,16 @@ def test_cache_memory_reported():
     pipe = _pipe()
     with da.accelerated(pipe, "delta_cache"):
         run_pipe(pipe, FAMILY)
-        memory = da.stats(pipe)["cache_memory"]
+        stats = da.stats(pipe)
+    memory = stats["cache_memory"]
     assert memory["bytes"] > 0 and set(memory["by_dtype"]) == {"float32"}
+    # print(stats) shows it, and what torch.compile did (nothing here: eager)
+    from diffusion_accel.stats import format_bytes
+
+    table = str(stats)
+    assert f"cache memory: {format_bytes(memory['bytes'])} (float32 {format_bytes(memory['bytes'])})" in table
+    assert "compile: 0 compiled regions | this call: frames compiled 0, recompiles 0, graph breaks 0" in table
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes(100) == "100 B" and format_bytes(3 << 30) == "3.0 GiB"
 
 
 class _NaNBlock:
@@ -170,6 +178,7 @@ def test_nan_from_the_model_is_reported_not_cached(method):
         with pytest.raises(NonFiniteOutputError, match=rf"step 1 of 4 .*{method}"):
             run_pipe(pipe, FAMILY)
         assert da.stats(pipe)["non_finite"]["step"] == 1
+        assert "non-finite output: step 1 of 4" in str(da.stats(pipe))
         nan.handle.remove()
         out = run_pipe(pipe, FAMILY)  # the next call starts clean: nothing NaN was kept
     assert torch.isfinite(out).all()
