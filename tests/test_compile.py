@@ -160,3 +160,28 @@ def test_whole_model_compile_every_method(family, order):
     torch._dynamo.reset()
     for method in _methods(family):
         _check_method(family, method, "whole", order)
+
+
+@pytest.mark.parametrize("how", ["wrap_then_apply", "apply_then_wrap", "module_compile", "compiled_forward"])
+def test_whole_model_fullgraph_refused_with_the_fix(how):
+    """Whole-model ``fullgraph=True`` cannot hold with our hooks (Python decisions at every block): instead of
+    Dynamo's ``Unsupported ... ContextVar`` the call raises a ``ValueError`` naming the two fixes, and the fix named
+    first (regional compile, ``fullgraph=True``) then runs as eager does."""
+    reference, _ = _eager_reference("flux", "delta_cache")
+    pipe = _fresh("flux")
+    if how == "wrap_then_apply":
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+    da.apply(pipe, "delta_cache")
+    if how == "apply_then_wrap":
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+    elif how == "module_compile":
+        pipe.transformer.compile(fullgraph=True)
+    elif how == "compiled_forward":  # caught from Dynamo's own error: we cannot see this compile beforehand
+        pipe.transformer.forward = torch.compile(pipe.transformer.forward, fullgraph=True)
+    with pytest.raises(ValueError, match=r"delta_cache: .*compile_repeated_blocks\(fullgraph=True\).*fullgraph=False"):
+        run_pipe(pipe, "flux")
+    da.remove(pipe)
+    pipe = _fresh("flux")  # the fix: regional compile keeps fullgraph=True
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    with da.accelerated(pipe, "delta_cache"):
+        assert (run_pipe(pipe, "flux") - reference).abs().max() <= ATOL
