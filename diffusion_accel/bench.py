@@ -329,6 +329,29 @@ def _cache_store(folder: Path, key: str, images: np.ndarray, nfe: float, macs: f
     (folder / "record.json").write_text(json.dumps(record))
 
 
+def _quality_share(pipe: Any, spec: MethodSpec, batches: list[tuple[int, list[str]]], family: str,
+                   base_kwargs: dict[str, Any], steps: int | None, guidance: float | None, size: int | None,
+                   seed: int, count_macs: bool, process: int = 0) -> list[dict[str, Any]]:
+    """One method's quality calls over ``batches`` (``(index of the first prompt, prompts)``), one record per batch:
+    its uint8 images, NFE and (``count_macs``) denoiser MACs. The seed of prompt ``i`` is ``seed + i`` wherever the
+    batch runs, so the records of all processes, in batch order, are those of one process."""
+    import diffusion_accel as da
+
+    records = []
+    for start, batch in batches:
+        kwargs = call_kwargs(pipe, family, batch, base_kwargs, steps, guidance, size,
+                              [seed + start + i for i in range(len(batch))])
+        kwargs.update(spec.call_overrides)
+        with _with_method(pipe, spec):
+            if count_macs:
+                output, batch_macs = _generate_counting_macs(pipe, kwargs)
+            else:
+                output, batch_macs = generate(pipe, kwargs), None
+            records.append({"start": start, "images": to_uint8(output), "nfe": da.stats(pipe)["nfe"],
+                            "macs": batch_macs, "process": process})
+    return records
+
+
 # ---------------------------------------------------------------------------------------------- the run
 def run_bench(
     pipeline: str,
@@ -350,15 +373,27 @@ def run_bench(
     cache_dir: str | Path | None = "default",
     fid_resamples: int = 200,
     pareto_x: str = "speedup_wall",
-) -> dict[str, Any]:
+    state: Any = None,
+) -> dict[str, Any] | None:
     """Run the side-by-side benchmark and write its JSON, Markdown, Pareto plot and image grid.
 
     ``cache_dir``: where the baseline's quality-tier images and verdicts are cached (``"default"``:
-    :func:`default_cache_dir`; ``None``: no cache). ``pareto_x``: ``"speedup_wall"`` or ``"macs_ratio"``."""
+    :func:`default_cache_dir`; ``None``: no cache). ``pareto_x``: ``"speedup_wall"`` or ``"macs_ratio"``.
+
+    Under ``accelerate launch`` / ``torchrun`` (``state``: :func:`diffusion_accel.distributed.partial_state` by
+    default) every process generates its contiguous share of the quality batches (:func:`diffusion_accel.distributed.
+    shard`; whole batches, so each image is computed exactly as in one process), the shares are gathered, and the main
+    process computes the metrics, times the methods and writes the outputs; it returns the report, the others
+    ``None``. The report equals a one-process run's except for the timings."""
     import diffusion_accel as da
 
+    from .distributed import gather, partial_state, shard
+
+    state = state if state is not None else partial_state()
     specs = parse_method_specs(methods) if isinstance(methods, str) else methods
     pipe = da.load_pipeline(pipeline, tier=tier) if pipeline.startswith("testbed:") else da.load_pipeline(pipeline)
+    if state.num_processes > 1 and state.device.type != "cpu":  # one accelerator per process
+        pipe = pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
     family = da.find_adapter(pipe).family
     base_kwargs = base_call_kwargs(pipeline, tier)
@@ -386,7 +421,7 @@ def run_bench(
     metrics: dict[str, tuple[list[bool], np.ndarray]] = {}
     seeds = [seed + i for i in range(len(prompts))]
     cache_folder, cache_key, cache_hit = None, None, False
-    if cache_dir is not None and tier == "quality":
+    if cache_dir is not None and tier == "quality" and state.is_main_process:
         probe = call_kwargs(pipe, family, prompts[:1], base_kwargs, steps, guidance_scale, size, [seed])
         call = {k: v for k, v in probe.items() if k not in ("prompt", "generator", "negative_prompt")}
         call["negative_prompt"] = probe.get("negative_prompt", [None])[0] if "negative_prompt" in probe else None
@@ -401,28 +436,26 @@ def run_bench(
                 macs["baseline"] = cached["macs"]
             if shape_metrics:
                 metrics["baseline"] = (cached["verdicts"], cached["features"])
+    batches_per_process = None
+    cache_hit = gather([cache_hit], state)[0]  # the main process's answer: the others skip a cached baseline too
     quality_start = time.perf_counter()
+    batches = [(start, prompts[start : start + batch_size]) for start in range(0, len(prompts), batch_size)]
+    mine = shard(batches, state)
     for spec in runnable:
-        if spec.label in images:  # the cached baseline
+        if spec.label == "baseline" and cache_hit:
             continue
-        chunks, nfes, total_macs = [], [], 0.0
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            kwargs = call_kwargs(pipe, family, batch, base_kwargs, steps, guidance_scale, size,
-                                  [seed + start + i for i in range(len(batch))])
-            kwargs.update(spec.call_overrides)
-            with _with_method(pipe, spec):
-                if macs_over_all:
-                    output, batch_macs = _generate_counting_macs(pipe, kwargs)
-                    total_macs += batch_macs
-                else:
-                    output = generate(pipe, kwargs)
-                chunks.append(to_uint8(output))
-                nfes.append(da.stats(pipe)["nfe"])
-        images[spec.label] = np.concatenate(chunks)
-        nfe[spec.label] = float(np.mean(nfes))
+        shares = gather(_quality_share(pipe, spec, mine, family, base_kwargs, steps, guidance_scale, size, seed,
+                                       macs_over_all, state.process_index), state)
+        if not state.is_main_process:
+            continue
+        if [share["start"] for share in shares] != [start for start, _ in batches]:
+            raise RuntimeError(f"bench: gathered quality batches {[share['start'] for share in shares]} are not the "
+                               f"batches {[start for start, _ in batches]} in order (processes out of step?).")
+        batches_per_process = [sum(share["process"] == p for share in shares) for p in range(state.num_processes)]
+        images[spec.label] = np.concatenate([share["images"] for share in shares])
+        nfe[spec.label] = float(np.mean([share["nfe"] for share in shares]))
         if macs_over_all:
-            macs[spec.label] = total_macs
+            macs[spec.label] = sum((share["macs"] for share in shares), 0.0)
         if shape_metrics:
             found = _shape_metrics(images[spec.label], prompts)
             if found is not None:
@@ -430,6 +463,8 @@ def run_bench(
         if spec.label == "baseline" and cache_folder is not None:
             _cache_store(cache_folder, cache_key, images["baseline"], nfe["baseline"], macs.get("baseline"),
                          metrics.get("baseline"))
+    if not state.is_main_process:
+        return None  # the main process times the methods and writes the one report
     quality_seconds = time.perf_counter() - quality_start
 
     # 2. MACs on the speed tier: one timing call per method
@@ -478,7 +513,8 @@ def run_bench(
             "num_prompts": len(prompts), "call": {k: v for k, v in macs_kwargs.items()
                                                   if k not in ("prompt", "generator", "negative_prompt")},
             "repeats": repeats, "guidance_scale": guidance_scale, "size": size, "seed": seed,
-            "batch_size": batch_size, "timing_batch": timing_batch,
+            "batch_size": batch_size, "timing_batch": timing_batch, "processes": state.num_processes,
+            "batches_per_process": batches_per_process,
             "distinct_prompts": len(set(prompts)), "seeds": f"{seed} + prompt index",
             "quality_seconds": quality_seconds,
             "baseline_cache": {"hit": cache_hit, "key": cache_key,
@@ -690,6 +726,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out_dir=args.out, json_path=args.json, cache_dir=cache_dir, fid_resamples=args.fid_resamples,
         pareto_x=args.pareto_x,
     )
+    if report is None:  # not the main process of a sharded run: the main process writes and prints the report
+        return 0
     print(markdown_table(report))
     print(f"\nwrote {args.json or Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}, "
           f"{Path(args.out) / 'pareto.png'}, {Path(args.out) / 'grid.png'}")

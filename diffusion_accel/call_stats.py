@@ -142,7 +142,41 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{s['blocks_run']:>5}/{s['blocks_total']:<5} {s['uncond_skipped']:>14} {s['wall_time_s'] * 1e3:>9.1f}  "
             f"{skipped}"
         )
+    lines += _footer(stats)
     return "\n".join(lines)
+
+
+def format_bytes(count: float) -> str:
+    """``1536`` → ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def _footer(stats: dict[str, Any]) -> list[str]:
+    """What ``torch.compile`` did during the call, the methods' cache memory and where a NaN/inf stopped it."""
+    lines = []
+    compiled = stats.get("compile")
+    if compiled:
+        total = compiled.get("since_apply", {})
+        lines.append(
+            f"compile: {compiled.get('regions', 0)} compiled regions"
+            f"{', whole model compiled' if compiled.get('whole_model') else ''} | this call: frames compiled "
+            f"{compiled.get('frames_compiled', 0)}, recompiles {compiled.get('recompiles', 0)}, graph breaks "
+            f"{compiled.get('graph_breaks', 0)} | since apply: frames compiled {total.get('frames_compiled', 0)}, "
+            f"recompiles {total.get('recompiles', 0)}, graph breaks {total.get('graph_breaks', 0)}"
+        )
+    memory = stats.get("cache_memory")
+    if memory is not None:
+        by_dtype = ", ".join(f"{dtype} {format_bytes(n)}" for dtype, n in sorted(memory.get("by_dtype", {}).items()))
+        lines.append(f"cache memory: {format_bytes(memory.get('bytes', 0))}" + (f" ({by_dtype})" if by_dtype else ""))
+    where = stats.get("non_finite")
+    if where:
+        lines.append(f"non-finite output: step {where.get('step')} of {where.get('num_steps')} "
+                     f"({where.get('branch')} pass, stage {where.get('stage')}): the call was stopped")
+    return lines
 
 
 def tensor_footprint(roots: list[Any], skip_types: tuple[type, ...] = ()) -> dict[str, Any]:

@@ -13,7 +13,8 @@ always run eagerly and only the model's own compute is compiled:
 * **Whole-model compile** (``pipe.transformer = torch.compile(pipe.transformer)``): our code objects are marked
   for Dynamo to skip, so each hook is a graph break that runs eagerly, and the model code between hooks is
   compiled. The breaks are counted in ``stats(pipe)["compile"]``. ``fullgraph=True`` cannot hold there (our hooks
-  sit inside the one graph it demands); use regional compile.
+  sit inside the one graph it demands): the call is refused with a ``ValueError`` naming the fix (regional compile
+  with ``fullgraph=True``, or ``fullgraph=False``) before Dynamo's own ``Unsupported`` error.
 
 Where a Diffusers class leaves ``_repeated_blocks`` empty (PixArt, DiT, SD3, CogVideoX in 0.42.1) the family's
 adapter supplies the block class names, so ``compile_repeated_blocks`` works on every family.
@@ -177,6 +178,49 @@ def hoist_compiled_regions(modules: list[torch.nn.Module], ours: dict[int, str],
             new.append(region)
         region.hoist(compiled, context)
     return new
+
+
+# ---------------------------------------------------------------------------------------------- whole model, fullgraph
+def _fix(attr: str, undo: str) -> str:
+    return (f"Compile the blocks instead: pipe.{attr}.compile_repeated_blocks(fullgraph=True) on the uncompiled "
+            f"model ({undo}); fullgraph holds per block and our hooks run between the blocks (methods that hook "
+            "attention inside the blocks: pab, taylorseer, fastercache, sparse_attention, need fullgraph=False "
+            "there). Or compile the whole model with fullgraph=False: our hooks become graph breaks, counted in "
+            "stats(pipe)['compile'].")
+
+
+def whole_model_fullgraph_error(wrapper: Any, denoiser: torch.nn.Module, attr: str, methods: list[str]) -> str | None:
+    """Why the denoiser cannot run: compiled whole with ``fullgraph=True`` (``torch.compile(model, fullgraph=True)``
+    as ``wrapper``, or ``model.compile(fullgraph=True)``), which demands one graph for its entire forward, while our
+    hooks on it and its blocks are Python decisions that must run eagerly. ``None`` if it is not so compiled."""
+    contexts = []
+    if wrapper is not denoiser and isinstance(wrapper, torch._dynamo.eval_frame.OptimizedModule):
+        contexts.append(("torch.compile(pipe.{a}, fullgraph=True)", "pipe.{a} = pipe.{a}._orig_mod",
+                         getattr(wrapper, "dynamo_ctx", None)))
+    compiled = denoiser.__dict__.get("_compiled_call_impl")
+    if compiled is not None:
+        contexts.append(("pipe.{a}.compile(fullgraph=True)", "a model not compiled with .compile()",
+                         _dynamo_context(compiled)))
+    for how, undo, context in contexts:
+        if getattr(context, "fullgraph", False):
+            return (f"{', '.join(methods) or 'diffusion-accel'}: the {type(denoiser).__name__} was compiled whole "
+                    f"with {how.format(a=attr)}, which demands one graph for its entire forward, but "
+                    "diffusion-accel's hooks on it and on its blocks decide per step in Python and run outside any "
+                    f"graph (Dynamo would stop with 'Unsupported'). {_fix(attr, undo.format(a=attr))}")
+    return None
+
+
+def dynamo_unsupported_error(exc: BaseException, attr: str, methods: list[str]) -> str | None:
+    """The fix for Dynamo's ``Unsupported`` raised while tracing our hook code under ``fullgraph=True`` however the
+    model was compiled (e.g. ``model.forward = torch.compile(model.forward, fullgraph=True)``); ``None`` if the
+    error does not come from our code."""
+    unsupported = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    unsupported = getattr(unsupported, "Unsupported", None)
+    if unsupported is None or not isinstance(exc, unsupported) or "diffusion_accel" not in str(exc):
+        return None
+    return (f"{', '.join(methods) or 'diffusion-accel'}: torch.compile(fullgraph=True) reached diffusion-accel's "
+            "hooks, which decide per step in Python and cannot be traced into one graph. "
+            f"{_fix(attr, 'the model or forward as it was before torch.compile')}")
 
 
 # ---------------------------------------------------------------------------------------------- counters

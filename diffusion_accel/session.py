@@ -455,6 +455,12 @@ class AccelSession:
         token = _ACTIVE_SESSION.set(self)
         try:
             check_context_parallel(self.denoiser, [m.name for m in self.methods])  # enabled after apply
+            for session in self.call_sessions:  # before anything moves: a refused call leaves the model as it was
+                attr = session.expert
+                reason = _compile.whole_model_fullgraph_error(getattr(pipe, attr, None), session.denoiser, attr,
+                                                              [m.name for m in session.methods])
+                if reason:
+                    raise ValueError(reason)
             for session in self.call_sessions:
                 session._hoist_compiled_regions()
             self._dynamo.start()
@@ -462,6 +468,11 @@ class AccelSession:
                 session.begin_call(call_args)
             try:
                 return call(pipe, *args, **kwargs)
+            except Exception as exc:
+                reason = _compile.dynamo_unsupported_error(exc, self.adapter.denoiser, [m.name for m in self.methods])
+                if reason:
+                    raise ValueError(reason) from exc
+                raise
             finally:
                 self.stats.extra["compile"] = self._compile_report(self._dynamo.stop())
                 for session in reversed(self.call_sessions):

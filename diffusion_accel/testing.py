@@ -14,7 +14,8 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "fingerprint", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
+__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "run_pipe", "tiny_call_kwargs",
+           "tiny_pipeline"]
 
 
 def run_pipe(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:
@@ -45,3 +46,41 @@ def fingerprint(pipe: Any) -> dict[str, Any]:
         "modules": modules,
         "processors": {n: type(p) for n, p in getattr(denoiser, "attn_processors", {}).items()},
     }
+
+
+_COMPAT_DIR: list = []
+
+
+def linear_ag_spec(steps: int = 4) -> dict:
+    """A ``linear_ag`` config with synthetic coefficients (``[1, 0, 0]`` then a fixed affine estimate per step): a
+    valid coefficients file, written once per test process. The compatibility tests check how the method runs with
+    compile / offload / precision, not how good the fit is (``test_linear_ag.py`` fits real ones)."""
+    import tempfile
+    from pathlib import Path
+
+    from diffusion_accel.methods.linear_ag import save_coefficients
+
+    if not _COMPAT_DIR:
+        _COMPAT_DIR.append(Path(tempfile.mkdtemp(prefix="da-linear-ag-")))
+    path = _COMPAT_DIR[0] / f"compat-{steps}.safetensors"
+    if not path.is_file():
+        coefficients = torch.tensor([[1.0, 0.0, 0.0]] + [[0.8, 0.15, 0.05]] * (steps - 1))
+        save_coefficients(path, coefficients, {"family": "any", "steps": steps})
+    return {"method": "linear_ag", "coefficients": str(path)}
+
+
+def method_name(spec) -> str:
+    return spec if isinstance(spec, str) else spec["method"]
+
+
+def compat_methods(pipe) -> list:
+    """Every method the compatibility tests run on ``pipe``: ``da.list_methods(pipe)`` (methods applicable with their
+    default config) plus ``linear_ag`` with synthetic coefficients where guidance methods apply."""
+    import diffusion_accel as da
+    from diffusion_accel.config import parse_config
+
+    specs: list = list(da.list_methods(pipe))
+    linear_ag = linear_ag_spec()
+    if parse_config(linear_ag).not_applicable_reason(da.find_adapter(pipe), pipe) is None:
+        specs.append(linear_ag)
+    return specs

@@ -10,7 +10,7 @@ Layout of ``out``::
 A restart skips every item already on disk, so an interrupted run continues where it stopped; item ``i`` always uses
 prompt ``prompts[i % len(prompts)]`` and seed ``seed + i`` (one ``torch.Generator`` per item), so outputs do not depend
 on batching or sharding. Sharding: ``accelerate launch -m diffusion_accel.eval.runner …`` splits the missing items
-between processes with ``PartialState().split_between_processes``, gathers the per-process generation stats on the
+between processes with :func:`diffusion_accel.distributed.shard`, gathers the per-process generation stats on the
 main process, which then computes the metrics from the files. On a CPU-only machine start the processes with
 ``accelerate launch --multi_gpu --num_processes 2 -m diffusion_accel.eval.runner …`` (or ``torchrun
 --nproc_per_node 2 -m …``); they use the gloo backend. ``accelerate launch --cpu`` starts a single process.
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diffusion_accel.distributed import gather, partial_state, shard
 
 IMAGE_METRICS = ("fid", "kid", "psnr", "ssim", "lpips", "clip_score")
 VIDEO_METRICS = ("temporal_flickering", "dynamic_degree", "motion_smoothness", "vbench")
@@ -145,17 +147,6 @@ def _manifest(config: EvalConfig, prompts: list[str]) -> list[dict]:
             for i in range(config.num_images)]
 
 
-def partial_state() -> Any:
-    """accelerate's ``PartialState``, with ``cpu=True`` when there is no CUDA (or ``ACCELERATE_USE_CPU`` is set):
-    without it, processes started by ``accelerate launch --multi_gpu``/``torchrun`` on a CPU machine would each
-    believe they are alone and all generate every item."""
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return PartialState(cpu=cpu)
-
-
 def generate(config: EvalConfig, pipeline_factory: PipelineFactory | None = None) -> dict:
     """Generate the items missing on disk (this process's share); returns this process's stats."""
     state = partial_state()
@@ -171,41 +162,40 @@ def generate(config: EvalConfig, pipeline_factory: PipelineFactory | None = None
     state.wait_for_everyone()
     pending = [item["index"] for item in items if not _is_done(out, item["index"])]
     stats = {"process": state.process_index, "generated": 0, "skipped_existing": 0, "seconds": 0.0}
-    with state.split_between_processes(pending) as mine:
-        mine = list(mine)
-        stats["skipped_existing"] = len(items) - len(pending) if state.is_main_process else 0
-        if mine:
-            pipe = (pipeline_factory or default_pipeline_factory)(config.pipeline)
-            if hasattr(pipe, "to") and state.device.type != "cpu":
-                pipe = pipe.to(state.device)
-            if hasattr(pipe, "set_progress_bar_config"):
-                pipe.set_progress_bar_config(disable=True)
-            handle = None
-            if config.method:
-                import diffusion_accel
+    mine = shard(pending, state)
+    stats["skipped_existing"] = len(items) - len(pending) if state.is_main_process else 0
+    if mine:
+        pipe = (pipeline_factory or default_pipeline_factory)(config.pipeline)
+        if hasattr(pipe, "to") and state.device.type != "cpu":
+            pipe = pipe.to(state.device)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        handle = None
+        if config.method:
+            import diffusion_accel
 
-                handle = diffusion_accel.apply(pipe, *config.method, **config.method_options)
-            call_kwargs = {**_default_call_kwargs(config.pipeline), **config.call_kwargs}
-            from tqdm.auto import tqdm
+            handle = diffusion_accel.apply(pipe, *config.method, **config.method_options)
+        call_kwargs = {**_default_call_kwargs(config.pipeline), **config.call_kwargs}
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(mine), desc=f"generate [{state.process_index}]", unit="img",
-                       position=state.process_index, disable=not config.progress)
-            start = time.perf_counter()
-            for offset in range(0, len(mine), config.batch_size):
-                batch = mine[offset:offset + config.batch_size]
-                outputs, is_video = _call_pipeline(pipe, [items[i]["prompt"] for i in batch],
-                                                   [items[i]["seed"] for i in batch], call_kwargs)
-                for index, result in zip(batch, outputs, strict=True):
-                    if is_video:
-                        _save_video(_item_path(out, index, True), result)
-                    else:
-                        _save_image(_item_path(out, index, False), result)
-                stats["generated"] += len(batch)
-                bar.update(len(batch))
-            stats["seconds"] = time.perf_counter() - start
-            bar.close()
-            if handle is not None and hasattr(handle, "remove"):
-                handle.remove()
+        bar = tqdm(total=len(mine), desc=f"generate [{state.process_index}]", unit="img",
+                   position=state.process_index, disable=not config.progress)
+        start = time.perf_counter()
+        for offset in range(0, len(mine), config.batch_size):
+            batch = mine[offset:offset + config.batch_size]
+            outputs, is_video = _call_pipeline(pipe, [items[i]["prompt"] for i in batch],
+                                               [items[i]["seed"] for i in batch], call_kwargs)
+            for index, result in zip(batch, outputs, strict=True):
+                if is_video:
+                    _save_video(_item_path(out, index, True), result)
+                else:
+                    _save_image(_item_path(out, index, False), result)
+            stats["generated"] += len(batch)
+            bar.update(len(batch))
+        stats["seconds"] = time.perf_counter() - start
+        bar.close()
+        if handle is not None and hasattr(handle, "remove"):
+            handle.remove()
     return stats
 
 
@@ -367,11 +357,9 @@ def write_reports(config: EvalConfig, metrics: dict[str, Any], generation: list[
 def run_eval(config: EvalConfig, pipeline_factory: PipelineFactory | None = None) -> dict | None:
     """Generate (sharded, resumable), gather, and on the main process compute metrics and write the reports.
     Returns the results payload on the main process, ``None`` on the others."""
-    from accelerate.utils import gather_object
-
     state = partial_state()
     stats = generate(config, pipeline_factory)
-    generation = gather_object([stats]) if state.num_processes > 1 else [stats]
+    generation = gather([stats], state)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

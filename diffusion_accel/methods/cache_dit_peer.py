@@ -127,4 +127,11 @@ class CacheDiTMethod(Method):
             if denoiser.__dict__.get("forward") is gated:
                 denoiser.forward = cached
             self._gated_forward = None
+        original = denoiser.__dict__.get("_original_forward")
+        if isinstance(original, functools.partial):
+            # the forward cache-dit replaced was a Diffusers hook registry's (group offloading installs one on the
+            # transformer): a functools.partial, which cache-dit 1.5.3 restores with ``__get__`` (AttributeError).
+            # Put it back as it was; disable_cache then releases the rest.
+            denoiser.forward = original
+            del denoiser._original_forward
         cache_dit.disable_cache(denoiser)

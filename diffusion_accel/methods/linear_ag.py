@@ -153,7 +153,10 @@ class LinearAGMethod(GuidanceMethodBase):
     def __init__(self, config: LinearAGConfig) -> None:
         super().__init__(config)
         self.config: LinearAGConfig = config
-        self.coefficients, self.metadata = load_coefficients(config.coefficients)
+        coefficients, self.metadata = load_coefficients(config.coefficients)
+        # per-step (a, b, d) as Python floats: scalars of the estimate in the model's dtype, and no float32 tensor
+        # counted as cache in ``stats(pipe)["cache_memory"]`` of a bf16 / fp16 pipeline
+        self.coefficients: list[tuple[float, float, float]] = [tuple(map(float, row)) for row in coefficients.tolist()]
         self.prev: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.current_cond: dict[int, torch.Tensor] = {}
 
@@ -170,15 +173,15 @@ class LinearAGMethod(GuidanceMethodBase):
     def uncond_needed(self, sample: int, step: int) -> bool:
         if step >= self._split_step():
             return False
-        if step == 0 or step >= self.coefficients.shape[0] or sample not in self.prev:
+        if step == 0 or step >= len(self.coefficients) or sample not in self.prev:
             return True
         return step % self.config.linear_every == 0
 
     def estimate_uncond(self, sample: int, step: int, cond: torch.Tensor) -> torch.Tensor:
-        if step >= self._split_step() or sample not in self.prev or step >= self.coefficients.shape[0]:
+        if step >= self._split_step() or sample not in self.prev or step >= len(self.coefficients):
             return cond
         _, prev_cond, prev_uncond = self.prev[sample]
-        a, b, d = (float(v) for v in self.coefficients[step])
+        a, b, d = self.coefficients[step]
         estimate = a * cond + b * prev_uncond + d * prev_cond
         self.prev[sample] = (step, cond, estimate)
         return estimate.to(cond.dtype)

@@ -52,3 +52,105 @@ def test_quality_tier_counts_macs_over_every_prompt(tmp_path):
     one = count_denoiser_macs(pipe, kwargs, MethodSpec(label="baseline"))
     assert settings["denoiser_macs"]["baseline"] == 3 * one
     assert report["methods"]["steps=2"]["macs_ratio"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+class _State:
+    """Stands in for accelerate's PartialState of process ``index`` of ``count``."""
+
+    def __init__(self, count, index):
+        import torch
+
+        self.num_processes, self.process_index = count, index
+        self.is_main_process, self.device = index == 0, torch.device("cpu")
+
+
+def test_shard_matches_accelerate_and_covers_every_item_once():
+    from accelerate import PartialState
+
+    from diffusion_accel.distributed import gather, shard, shard_bounds
+
+    for count in range(0, 12):
+        for processes in (1, 2, 3, 5):
+            items = list(range(count))
+            shares = [shard(items, _State(processes, r)) for r in range(processes)]
+            assert sum(shares, []) == items, (count, processes)  # contiguous, in order: concatenation is the whole
+            for rank in range(processes):  # the same split as accelerate's split_between_processes (eval uses it)
+                with PartialState.split_between_processes(_State(processes, rank), items) as expected:
+                    assert shares[rank] == list(expected)
+                assert shard_bounds(count, processes, rank)[1] - shard_bounds(count, processes, rank)[0] \
+                    == len(shares[rank])
+    assert gather([1, 2], _State(1, 0)) == [1, 2]
+
+
+def test_sharded_bench_report_equals_one_process(tmp_path, monkeypatch):
+    """Two processes simulated in one: rank 1's shares are computed as rank 1 computes them and handed to rank 0 by
+    a stand-in ``gather``; rank 0's report then equals a one-process run's in everything but the timings (same
+    images, bit for bit), and rank 1 writes nothing. The real two-process run is the slow test below."""
+    import diffusion_accel as da
+    import diffusion_accel.distributed as distributed
+    from diffusion_accel.bench import _load_prompts, _quality_share
+    from diffusion_accel.distributed import shard
+    from diffusion_accel.loading import base_call_kwargs
+
+    options = dict(num_prompts=3, steps=4, repeats=1, batch_size=1, tier="quality", shape_metrics=False,
+                   cache_dir=None)
+    methods = "baseline,delta_cache,fbcache:threshold=0.2"
+    single = run_bench("tiny:flux", methods, out_dir=tmp_path / "one", **options)
+
+    other = da.load_pipeline("tiny:flux")
+    other.set_progress_bar_config(disable=True)
+    batches = [(i, [p]) for i, p in enumerate(_load_prompts("tiny:flux", 3, None))]
+    rank1 = [_quality_share(other, spec, shard(batches, _State(2, 1)), "flux", base_call_kwargs("tiny:flux"), 4,
+                            None, None, 0, True, process=1) for spec in parse_method_specs(methods)]
+    assert [len(share) for share in rank1] == [1, 1, 1]  # 3 batches over 2 processes: 2 + 1
+    handed = iter(rank1)
+
+    def gather_as_rank0(local, state):
+        return local + ([False] if local and isinstance(local[0], bool) else next(handed))
+
+    monkeypatch.setattr(distributed, "gather", gather_as_rank0)
+    sharded = run_bench("tiny:flux", methods, out_dir=tmp_path / "two", state=_State(2, 0), **options)
+    assert next(handed, None) is None
+    assert sharded["settings"]["processes"] == 2 and sharded["settings"]["batches_per_process"] == [2, 1]
+    for label, row in single["methods"].items():
+        same = {k: v for k, v in row.items() if k != "speedup_wall"}
+        assert {k: v for k, v in sharded["methods"][label].items() if k != "speedup_wall"} == same, label
+    assert sharded["settings"]["denoiser_macs"] == single["settings"]["denoiser_macs"]
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
+
+    monkeypatch.setattr(distributed, "gather", lambda local, state: local)
+    assert run_bench("tiny:flux", methods, out_dir=tmp_path / "rank1", state=_State(2, 1), **options) is None
+    assert not (tmp_path / "rank1" / "bench.json").exists()
+
+
+def test_bench_under_accelerate_launch_two_cpu_processes(tmp_path):
+    """``accelerate launch`` with two gloo processes on CPU: both generate a share, rank 0 writes the one report, and
+    it equals the one-process run's in everything but the timings (images bit for bit: the grids are equal)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port: other test runs on this host may hold accelerate's default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    bench = ["bench", "--pipeline", "tiny:flux", "--methods", "baseline,delta_cache,fbcache:threshold=0.2",
+             "--prompts", "5", "--steps", "4", "--repeats", "1", "--batch-size", "2", "--no-baseline-cache"]
+    subprocess.run([sys.executable, "-m", "diffusion_accel.cli", *bench, "--out", str(tmp_path / "one")],
+                   check=True, env=env, timeout=300, capture_output=True)
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                               "2", "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "-m", "diffusion_accel.cli", *bench,
+                               "--out", str(tmp_path / "two")], env=env, timeout=300, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("| delta_cache |") == 1, "only the main process prints the table"
+    one = json.loads((tmp_path / "one" / "bench.json").read_text())
+    two = json.loads((tmp_path / "two" / "bench.json").read_text())
+    assert two["settings"]["processes"] == 2 and two["settings"]["batches_per_process"] == [2, 1]
+    for label, row in one["methods"].items():
+        assert {k: v for k, v in two["methods"][label].items() if k != "speedup_wall"} == \
+            {k: v for k, v in row.items() if k != "speedup_wall"}, label
+    assert two["settings"]["denoiser_macs"] == one["settings"]["denoiser_macs"]
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()

@@ -77,8 +77,8 @@ def test_default_output_is_ours_only_and_verbose_shows_the_rest(tmp_path):
     quiet = _run_cli(*args, cwd=tmp_path)
     lines = [line for line in quiet.splitlines() if line.strip()]
     assert lines[0].startswith("methods: dbcache | NFE ") and lines[-1].startswith("saved ")
-    for line in lines[1:-1]:  # the per-step table: header, rule, one row per step
-        assert line.startswith(("stage", "---")) or line.split()[0].isdigit(), line
+    for line in lines[1:-1]:  # the per-step table: header, rule, one row per step; compile and cache memory lines
+        assert line.startswith(("stage", "---", "compile: ", "cache memory: ")) or line.split()[0].isdigit(), line
     verbose = _run_cli(*args, "--verbose", cwd=tmp_path)
     assert "it/s" in verbose or "s/it" in verbose  # Diffusers' progress bar
     assert "[Cache-DiT]" in verbose and "[Cache-DiT]" not in quiet  # cache-dit's log lines

@@ -99,7 +99,9 @@ def test_stats_table_and_per_call_reset():
     assert torch.equal(first, second), "state leaked from the first call into the second"
     assert stats_first["nfe"] == stats_second["nfe"] == 4
     table = str(stats_second)
-    assert "delta_cache" in table and "blocks run" in table and len(table.splitlines()) == 3 + 4
+    lines = table.splitlines()
+    assert "delta_cache" in table and "blocks run" in table and len(lines) == 3 + 4 + 2  # + compile, cache memory
+    assert lines[-2].startswith("compile: ") and lines[-1].startswith("cache memory: ")
     assert all(s["wall_time_s"] >= 0 for s in stats_second["steps"])
 
 
