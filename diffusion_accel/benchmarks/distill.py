@@ -216,11 +216,12 @@ def markdown(report: dict[str, Any]) -> str:
     def diff(p: dict[str, Any]) -> str:
         return f"{100 * p['difference']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
 
-    for r in report["rows"]:
+    for i, r in enumerate(report["rows"]):
+        ref = i == 0  # the reference row: no difference to itself
         cells = [r["label"], f"{r['macs_ratio']:.2f}x", f"{r['speedup_wall']:.2f}x",
-                 f"{100 * r['adherence_shapes_net']:.1f}%", diff(r["adherence_shapes_net_paired"])]
+                 f"{100 * r['adherence_shapes_net']:.1f}%", "—" if ref else diff(r["adherence_shapes_net_paired"])]
         if judge:
-            cells += [f"{100 * r['adherence_judge']:.1f}%", diff(r["adherence_judge_paired"])]
+            cells += [f"{100 * r['adherence_judge']:.1f}%", "—" if ref else diff(r["adherence_judge_paired"])]
         cells += [f"{r['fid_shapes']:.1f}", "—" if r["psnr_to_reference"] is None else f"{r['psnr_to_reference']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,11 +25,21 @@ COPIED = ("model_index.json", "pipeline_with_contract.py", "scheduler", "transfo
 SHARED_WITH_TEACHER = ("vae", "text_encoder", "tokenizer")
 
 
-def _same_tree(a: Path, b: Path) -> bool:
-    cmp = filecmp.dircmp(a, b)
-    if cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files:
-        return False
-    return all(_same_tree(a / d, b / d) for d in cmp.common_dirs)
+def _same_component(a: Path, b: Path) -> bool:
+    """Same weights and vocabulary, byte for byte, and the same model config (``_name_or_path`` aside: it records
+    where the component was loaded from)."""
+    for path in b.rglob("*"):
+        rel = path.relative_to(b)
+        if path.suffix in (".safetensors", ".model") or path.name == "tokenizer.json":
+            if not ((a / rel).is_file() and filecmp.cmp(a / rel, path, shallow=False)):
+                return False
+        elif path.name == "config.json":
+            ours, theirs = (json.loads(p.read_text()) for p in (a / rel, path))
+            ours.pop("_name_or_path", None)
+            theirs.pop("_name_or_path", None)
+            if ours != theirs:
+                return False
+    return True
 
 
 def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Path:
@@ -38,7 +49,7 @@ def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Pat
     run_dir = Path(run_dir)
     teacher_dir = assets_root() / asset_dir_name(teacher)
     for component in SHARED_WITH_TEACHER:
-        if not _same_tree(run_dir / component, teacher_dir / component):
+        if not _same_component(run_dir / component, teacher_dir / component):
             raise ValueError(f"{run_dir / component} differs from the teacher's {teacher_dir / component}; a "
                              "student whose frozen components changed cannot share them.")
     dest = assets_root() / asset_dir_name(name)
