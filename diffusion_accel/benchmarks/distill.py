@@ -2,7 +2,8 @@
 
 Rows: the teacher at its contract (20 DPM-Solver++ steps with CFG: the reference), the teacher at 8/4/2 steps (the
 honest baseline: fewer steps of the same model), the teacher at 4 steps with the students' ``LCMScheduler`` (to
-separate the scheduler from the distillation), the LCD student at 4/2/1 steps, the LCD student at 4 steps with
+separate the scheduler from the distillation), the teacher on the DDIM trajectory the students distil (what a
+perfect consistency student would reproduce), the LCD student at 4/2/1 steps, the LCD student at 4 steps with
 Δ-cache's ``pixart-lcm-4`` preset, and the RG-LCD student at 4/2 steps. All rows sample the same held-out prompts
 with the same seeds.
 
@@ -31,7 +32,7 @@ class Row:
     pipeline: str  # key into the loaded pipelines
     call: dict[str, Any]
     method: dict[str, Any] | None = None  # diffusion_accel.accelerated(pipe, **method)
-    scheduler: str | None = None  # "lcm": swap in an LCMScheduler built from the pipeline's config
+    scheduler: str | None = None  # "lcm" / "ddim": swap in that scheduler, built from the pipeline's config
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -41,12 +42,23 @@ def default_rows(have_rglcd: bool) -> list[Row]:
     rows += [Row(f"teacher {n} steps, CFG", "teacher", {"num_inference_steps": n}) for n in (8, 4, 2)]
     rows.append(Row("teacher 4 steps, CFG, LCMScheduler", "teacher", {"num_inference_steps": 4}, scheduler="lcm",
                     note="scheduler-only control"))
+    rows.append(Row("teacher 20 steps, CFG, DDIM (the ODE LCD distils)", "teacher", {"num_inference_steps": 20},
+                    scheduler="ddim", note="the students' target trajectory: DDIM on the 20-point grid"))
     rows += [Row(f"LCD {n} steps", "lcd", {"num_inference_steps": n}) for n in (4, 2, 1)]
     rows.append(Row("LCD 4 steps + Δ-cache pixart-lcm-4", "lcd", {"num_inference_steps": 4},
                     method={"method": "delta_cache", "preset": "pixart-lcm-4"}))
     if have_rglcd:
         rows += [Row(f"RG-LCD {n} steps", "rglcd", {"num_inference_steps": n}) for n in (4, 2)]
     return rows
+
+
+def _ddim_scheduler(pipe: Any) -> Any:
+    """DDIM on the ``trailing`` grid t_i = 50 (i + 1) − 1 at 20 steps: the skipping-step solver of the shipped
+    students' recipe (``num_ddim_timesteps`` 20), without clipping (latents are not in [-1, 1])."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, timestep_spacing="trailing",
+                                     set_alpha_to_one=False)
 
 
 def _lcm_scheduler(pipe: Any) -> Any:
@@ -79,8 +91,9 @@ def _row_context(pipe: Any, row: Row):
     import diffusion_accel as da
 
     stack = contextlib.ExitStack()
-    if row.scheduler == "lcm":
-        stack.enter_context(_Swapped(pipe, _lcm_scheduler(pipe)))
+    if row.scheduler is not None:
+        build = {"lcm": _lcm_scheduler, "ddim": _ddim_scheduler}[row.scheduler]
+        stack.enter_context(_Swapped(pipe, build(pipe)))
     if row.method is not None:
         method = dict(row.method)
         stack.enter_context(da.accelerated(pipe, method.pop("method"), **method))

@@ -13,7 +13,8 @@ def _usage() -> str:
     lines = ["usage: diffusion-accel train <recipe> [--flags] [--config file.yaml]", "", "recipes:"]
     lines += [f"  {name:10s} {cls.summary}" for name, cls in recipes().items()]
     lines += ["", "`diffusion-accel train <recipe> --help` lists a recipe's flags. Multi-process: "
-              "`accelerate launch [--num_processes N] -m diffusion_accel.train <recipe> ...`."]
+              "`accelerate launch --multi_gpu --num_processes N -m diffusion_accel.train <recipe> ...` (also on CPU: "
+              "gloo)."]
     return "\n".join(lines)
 
 
