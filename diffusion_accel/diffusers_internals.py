@@ -177,12 +177,17 @@ def block_argument(metadata: Any, name: str, args: tuple, kwargs: dict) -> Any:
     return metadata._get_parameter_from_args_kwargs(name, args, kwargs)
 
 
-def register_block_class(block_class: type, hidden_index: int, encoder_index: int | None) -> None:
-    """Tell ``TransformerBlockRegistry`` where ``block_class`` returns its streams, unless Diffusers already does."""
+def register_block_class(block_class: type, hidden_index: int, encoder_index: int | None,
+                         encoder_argument: str = "encoder_hidden_states") -> None:
+    """Tell ``TransformerBlockRegistry`` where ``block_class`` returns its streams, unless Diffusers already does.
+
+    ``encoder_argument``: the ``forward`` argument holding the second stream's input, when it is not
+    ``encoder_hidden_states`` (LTX-2's blocks carry the audio tokens as ``audio_hidden_states``)."""
     TransformerBlockRegistry._register()  # Diffusers fills its own entries lazily: before we look
     if block_class not in TransformerBlockRegistry._registry:
         TransformerBlockRegistry.register(block_class, TransformerBlockMetadata(
-            return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index))
+            return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index,
+            encoder_hidden_states_argument_name=encoder_argument))
 
 
 # ---------------------------------------------------------------------------------------------- model attributes

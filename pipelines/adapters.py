@@ -130,6 +130,20 @@ _GUIDER_PASSES = ("the pipeline's guider names its CFG passes 'pred_cond'/'pred_
                   "guider component, while sessions read CFG from call arguments and 'cond'/'uncond' passes, so this "
                   "method would key both passes as one (Diffusers' own caches read the names and do apply)")
 
+# LTX-2 (LTX2Pipeline with its default stg_scale=1 and modality_scale=3): besides the batched CFG pass, every step runs
+# cond-only guidance passes in cache_context("uncond_stg") and ("uncond_modality").
+_LTX2_EXTRA_PASSES = ("besides the batched CFG pass, the pipeline runs a spatio-temporal-guidance pass and a "
+                      "modality-isolation pass per step (cache contexts 'uncond_stg'/'uncond_modality', on by "
+                      "default), which sessions key as the 'cond' branch, so this method would reuse one pass's "
+                      "cached block deviations for another (Diffusers' own caches key their state by the context "
+                      "name and do apply)")
+_LTX2_TWO_OUTPUTS = ("the transformer returns a video and an audio prediction and the pipeline guides both from the "
+                     "batched pass, while guidance methods drop and re-fill rows of the first output only (and "
+                     "slicing the batch breaks LTX-2's rotary embeddings: RuntimeError in apply_split_rotary_emb)")
+_LTX2_PAB = ("Diffusers 0.42.1's Pyramid Attention Broadcast keeps one state per attention module, not per cache "
+             "context, so the batch-B guidance passes that follow the 2B CFG pass reuse its attention outputs "
+             "(RuntimeError in LTX2VideoTransformerBlock.get_mod_params)")
+
 
 def _adapter_list() -> list[ModelAdapter]:
     return [
@@ -280,6 +294,31 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
+            # LTX2Pipeline.__call__: batched CFG on torch.cat([latents] * 2) with the negative prompt first, in
+            # cache_context("cond_uncond"), when guidance_scale > 1 or audio_guidance_scale > 1; then, per step, a
+            # cond-only spatio-temporal-guidance pass ("uncond_stg", stg_scale > 0) and a modality-isolation pass
+            # ("uncond_modality", modality_scale > 1). Flow velocity (the pipeline guides in x0 and converts back);
+            # the raw timestep; video latents packed to [B, F·H·W, C]. Every block updates video and audio tokens
+            # (both returned); methods hook those blocks, with the audio as the second stream.
+            family="ltx2", pipeline_classes=("LTX2Pipeline",), prediction="flow", latent_layout="packed_video",
+            unsupported_methods={
+                "delta_cache": _LTX2_EXTRA_PASSES, "pab": _LTX2_PAB,
+                "adaptive_guidance": _LTX2_TWO_OUTPUTS, "linear_ag": _LTX2_TWO_OUTPUTS, "cfg_cutoff": _LTX2_TWO_OUTPUTS,
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache reads a block's second stream from its "
+                           "encoder_hidden_states argument by name, so on a skipped step it hands the text embeddings "
+                           "on as LTX-2's audio tokens (RuntimeError in audio_norm_out)",
+                "magcache": "Diffusers 0.42.1's MagCache reads a block's second stream from its encoder_hidden_states "
+                            "argument by name, so on a skipped step it hands the text embeddings on as LTX-2's audio "
+                            "tokens (RuntimeError in audio_norm_out)",
+                "bottleneck": "LTX2Pipeline steps the audio latents with a copy of the scheduler made inside the call, "
+                              "which the per-stage schedules do not reach (IndexError in the audio scheduler's step), "
+                              "and the audio latents are not carried from stage to stage",
+                "dbcache": "cache-dit 1.5.3's patched transformer forward does not take the sigma argument "
+                           "LTX2Pipeline passes (TypeError)",
+            },
+            extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTX2Pipeline.check_inputs
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
@@ -294,21 +333,24 @@ def _register_block_classes() -> None:
 
     from ..diffusers_internals import register_block_class
 
-    for module, name, hidden_index, encoder_index in _UNREGISTERED_BLOCKS:
+    for module, name, hidden_index, encoder_index, *encoder_argument in _UNREGISTERED_BLOCKS:
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # an older Diffusers without this family
             continue
-        register_block_class(cls, hidden_index, encoder_index)
+        register_block_class(cls, hidden_index, encoder_index, *encoder_argument)
 
 
 #: (module, class, index of hidden_states in its return, index of encoder_hidden_states or None when it returns
-#: hidden_states alone) of block classes Diffusers 0.42.1's TransformerBlockRegistry lacks, read off each forward.
-_UNREGISTERED_BLOCKS: tuple[tuple[str, str, int, int | None], ...] = (
+#: hidden_states alone[, the forward argument of that second stream when it is not encoder_hidden_states]) of block
+#: classes Diffusers 0.42.1's TransformerBlockRegistry lacks, read off each forward.
+_UNREGISTERED_BLOCKS: tuple[tuple[Any, ...], ...] = (
     ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", 0, None),
     ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15TransformerBlock", 0, 1),
     ("diffusers.models.transformers.transformer_ovis_image", "OvisImageTransformerBlock", 1, 0),
     ("diffusers.models.transformers.transformer_ovis_image", "OvisImageSingleTransformerBlock", 1, 0),
+    # LTX-2: each block updates the video and the audio tokens and returns both; the text is a cross-attention input.
+    ("diffusers.models.transformers.transformer_ltx2", "LTX2VideoTransformerBlock", 0, 1, "audio_hidden_states"),
 )
 
 _register_block_classes()

@@ -484,6 +484,81 @@ def _ovis_image(seed: int):
                              tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _ltx2(seed: int):
+    """LTX-2: video and audio denoised by one transformer, then the video VAE, the audio VAE and a vocoder.
+
+    Sizes follow Diffusers' LTX-2 dummy components; the Gemma 3 text encoder (text and SigLIP vision towers) is built
+    from a config instead of the Hub's tiny-gemma3."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = build_gemma_tokenizer()
+    torch.manual_seed(seed)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config={"model_type": "gemma3_text", "vocab_size": len(tokenizer), "hidden_size": 32,
+                     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 512,
+                     "sliding_window": 64, **ids},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4, boi_token_index=tokenizer.bos_token_id, eoi_token_index=tokenizer.eos_token_id,
+        image_token_index=len(tokenizer) - 1, **ids,
+    )).eval()
+    hidden = text_encoder.config.text_config.hidden_size  # = the connectors' 4 heads x 8
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        caption_channels=hidden, rope_double_precision=False, rope_type="split",
+    )
+    torch.manual_seed(seed)
+    # The pipeline stacks the embeddings and every layer's hidden state: num_hidden_layers + 1 of them.
+    connectors = LTX2TextConnectors(
+        caption_channels=hidden, text_proj_in_factor=text_encoder.config.text_config.num_hidden_layers + 1,
+        video_connector_num_attention_heads=4, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    )
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    torch.manual_seed(seed)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    )
+    torch.manual_seed(seed)
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins, hidden_channels=32, out_channels=2,
+        upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+    )
+    return LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), audio_vae=audio_vae.eval(),
+                        text_encoder=text_encoder, tokenizer=tokenizer, connectors=connectors.eval(),
+                        transformer=transformer.eval(), vocoder=vocoder.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -520,6 +595,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "mochi": _mochi,
     "hunyuan_video15": _hunyuan_video15,
     "ovis_image": _ovis_image,
+    "ltx2": _ltx2,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -560,6 +636,10 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
                         "negative_prompt": "blurry"},
     "ovis_image": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
                    "max_sequence_length": 16},
+    # LTX2Pipeline's defaults: batched CFG (video and audio), a spatio-temporal-guidance pass and a
+    # modality-isolation pass per step; frame_rate 25 keeps the audio latents a whole number of frames.
+    "ltx2": {"height": 32, "width": 32, "num_frames": 9, "frame_rate": 25.0, "num_inference_steps": 4,
+             "guidance_scale": 4.0, "spatio_temporal_guidance_blocks": [1], "max_sequence_length": 16},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
 }

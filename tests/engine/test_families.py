@@ -13,7 +13,7 @@ from diffusion_accel.testing import FAMILIES, fingerprint, run_pipe, tiny_pipeli
 def test_families_cover_the_issue_list():
     expected = {"dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "cogvideox", "wan", "hunyuan_video",
                 "ltx_video", "sd", "wan22", "qwen_image", "flux2", "sana", "cogview4", "mochi", "hunyuan_video15",
-                "ovis_image"}
+                "ovis_image", "ltx2"}
     assert expected <= set(FAMILIES)
 
 
