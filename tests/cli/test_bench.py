@@ -89,9 +89,10 @@ def test_sharded_bench_report_equals_one_process(tmp_path, monkeypatch):
     images, bit for bit), and rank 1 writes nothing. The real two-process run is the slow test below."""
     import diffusion_accel as da
     import diffusion_accel.distributed as distributed
-    from diffusion_accel.bench import _load_prompts, _quality_share
+    from diffusion_accel.bench import _quality_share
     from diffusion_accel.distributed import shard
     from diffusion_accel.loading import base_call_kwargs
+    from diffusion_accel.prompts import bench_prompts
 
     options = dict(num_prompts=3, steps=4, repeats=1, batch_size=1, tier="quality", shape_metrics=False,
                    cache_dir=None)
@@ -100,7 +101,7 @@ def test_sharded_bench_report_equals_one_process(tmp_path, monkeypatch):
 
     other = da.load_pipeline("tiny:flux")
     other.set_progress_bar_config(disable=True)
-    batches = [(i, [p]) for i, p in enumerate(_load_prompts("tiny:flux", 3, None))]
+    batches = [(i, [p]) for i, p in enumerate(bench_prompts("tiny:flux", 3, None))]
     rank1 = [_quality_share(other, spec, shard(batches, _State(2, 1)), "flux", base_call_kwargs("tiny:flux"), 4,
                             None, None, 0, True, process=1) for spec in parse_method_specs(methods)]
     assert [len(share) for share in rank1] == [1, 1, 1]  # 3 batches over 2 processes: 2 + 1
