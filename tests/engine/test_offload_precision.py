@@ -146,7 +146,7 @@ def test_cache_memory_reported():
     memory = stats["cache_memory"]
     assert memory["bytes"] > 0 and set(memory["by_dtype"]) == {"float32"}
     # print(stats) shows it, and what torch.compile did (nothing here: eager)
-    from diffusion_accel.stats import format_bytes
+    from diffusion_accel.call_stats import format_bytes
 
     table = str(stats)
     assert f"cache memory: {format_bytes(memory['bytes'])} (float32 {format_bytes(memory['bytes'])})" in table
