@@ -72,15 +72,20 @@ class ShapesNet(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images``: float ``[B, 3, 64, 64]`` in [0, 1]."""
         x = self.body((images - 0.5) / 0.25)
-        cells = self.pool(x).flatten(1)
-        features = self.embed(cells)
-        both = torch.cat([features, cells], dim=1)
-        batch = images.shape[0]
-        return {
-            "cls": self.cls_head(both).view(batch, NUM_CELLS, NUM_CLASSES),
-            "size": self.size_head(both).view(batch, NUM_CELLS, len(SIZE_NAMES)),
-            "features": features,
-        }
+        return _cell_outputs(self, self.pool(x).flatten(1))
+
+
+def _cell_outputs(model: nn.Module, cells: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifiers' shared output contract from per-cell descriptors ``cells`` ``[B, D]``: features from
+    ``model.embed``, and the class / size heads reading features and cells together."""
+    features = model.embed(cells)
+    both = torch.cat([features, cells], dim=1)
+    batch = cells.shape[0]
+    return {
+        "cls": model.cls_head(both).view(batch, NUM_CELLS, NUM_CLASSES),
+        "size": model.size_head(both).view(batch, NUM_CELLS, len(SIZE_NAMES)),
+        "features": features,
+    }
 
 
 class _ResBlock(nn.Module):
@@ -126,15 +131,7 @@ class ShapesJudge(nn.Module):
         x = self.stem(images * 2.0 - 1.0)
         x = self.stage2(self.down(self.stage1(x)))
         x = torch.nn.functional.silu(self.norm(x))
-        cells = torch.cat([self.avg(x), self.max(x)], dim=1).flatten(1)
-        features = self.embed(cells)
-        both = torch.cat([features, cells], dim=1)
-        batch = images.shape[0]
-        return {
-            "cls": self.cls_head(both).view(batch, NUM_CELLS, NUM_CLASSES),
-            "size": self.size_head(both).view(batch, NUM_CELLS, len(SIZE_NAMES)),
-            "features": features,
-        }
+        return _cell_outputs(self, torch.cat([self.avg(x), self.max(x)], dim=1).flatten(1))
 
 
 #: ``config["architecture"]`` → classifier class; a config without the key is a :class:`ShapesNet`.
