@@ -156,10 +156,10 @@ def _with_method(pipe: Any, spec: MethodSpec):
 def count_denoiser_macs(pipe: Any, kwargs: dict[str, Any], spec: MethodSpec) -> float:
     """MACs of the denoiser for one call (FLOPs / 2, counted by ``torch.utils.flop_counter``)."""
     with _with_method(pipe, spec):
-        return _generate_counting_macs(pipe, kwargs)[1]
+        return generate_counting_macs(pipe, kwargs)[1]
 
 
-def _generate_counting_macs(pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, float]:
+def generate_counting_macs(pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, float]:
     """``(output, denoiser MACs)`` of one call of the (already patched) pipeline."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -344,7 +344,7 @@ def _quality_share(pipe: Any, spec: MethodSpec, batches: list[tuple[int, list[st
         kwargs.update(spec.call_overrides)
         with _with_method(pipe, spec):
             if count_macs:
-                output, batch_macs = _generate_counting_macs(pipe, kwargs)
+                output, batch_macs = generate_counting_macs(pipe, kwargs)
             else:
                 output, batch_macs = generate(pipe, kwargs), None
             records.append({"start": start, "images": to_uint8(output), "nfe": da.stats(pipe)["nfe"],

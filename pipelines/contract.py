@@ -135,8 +135,13 @@ def with_sampler_contract(base: type) -> type:
         "__init__": __init__, "__call__": __call__, "save_pretrained": save_pretrained,
         "__module__": __name__, "__qualname__": name, "__doc__": (
             f"``{base.__name__}`` whose calls default to the ``sampler_contract`` saved with the checkpoint."),
-        "_contract_class_name": name,
+        "_contract_class_name": name, "_contract_base": base,
     })
+
+
+def pipeline_class(pipe: Any) -> type:
+    """The Diffusers pipeline class of ``pipe``: the base of a contract class, else ``type(pipe)``."""
+    return getattr(type(pipe), "_contract_base", type(pipe))
 
 
 def __getattr__(name: str) -> type:

@@ -41,7 +41,7 @@ def default_rows(have_rglcd: bool) -> list[Row]:
     rows = [Row("teacher 20 steps, CFG (reference)", "teacher", {"num_inference_steps": 20})]
     rows += [Row(f"teacher {n} steps, CFG", "teacher", {"num_inference_steps": n}) for n in (8, 4, 2)]
     rows.append(Row("teacher 4 steps, CFG, LCMScheduler", "teacher", {"num_inference_steps": 4}, scheduler="lcm",
-                    note="scheduler-only control"))
+                    note="scheduler-only control: the LCD student's scheduler on the teacher"))
     rows.append(Row("teacher 20 steps, CFG, DDIM (the ODE LCD distils)", "teacher", {"num_inference_steps": 20},
                     scheduler="ddim", note="the students' target trajectory: DDIM on the 20-point grid"))
     rows += [Row(f"LCD {n} steps", "lcd", {"num_inference_steps": n}) for n in (4, 2, 1)]
@@ -61,15 +61,6 @@ def _ddim_scheduler(pipe: Any) -> Any:
                                      set_alpha_to_one=False)
 
 
-def _lcm_scheduler(pipe: Any) -> Any:
-    from diffusers import LCMScheduler
-
-    cfg = pipe.scheduler.config
-    return LCMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                        beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
-                        original_inference_steps=50)
-
-
 class _Swapped:
     """Context: ``pipe.scheduler`` replaced for the row (restored on exit)."""
 
@@ -85,36 +76,30 @@ class _Swapped:
         self.pipe.scheduler = self.saved
 
 
-def _row_context(pipe: Any, row: Row):
+def _row_context(pipe: Any, row: Row, student_scheduler: Any):
     import contextlib
 
     import diffusion_accel as da
 
     stack = contextlib.ExitStack()
-    if row.scheduler is not None:
-        build = {"lcm": _lcm_scheduler, "ddim": _ddim_scheduler}[row.scheduler]
-        stack.enter_context(_Swapped(pipe, build(pipe)))
+    if row.scheduler == "lcm":  # the LCD student's own scheduler, with its config
+        stack.enter_context(_Swapped(pipe, type(student_scheduler).from_config(student_scheduler.config)))
+    elif row.scheduler == "ddim":
+        stack.enter_context(_Swapped(pipe, _ddim_scheduler(pipe)))
     if row.method is not None:
         method = dict(row.method)
         stack.enter_context(da.accelerated(pipe, method.pop("method"), **method))
     return stack
 
 
+def _call(row: Row, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+    return {"prompt": prompts, "generator": [torch.Generator().manual_seed(s) for s in seeds], "output_type": "np",
+            **row.call}
+
+
 def _generate(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> np.ndarray:
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    images = pipe(prompt=prompts, generator=gens, output_type="np", **row.call).images
+    images = pipe(**_call(row, prompts, seeds)).images
     return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
-
-
-def denoiser_macs(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> float:
-    """Denoiser MACs per image of one call (FLOPs / 2 by ``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with _row_context(pipe, row), counter:
-        _generate(pipe, row, prompts, seeds)
-    counts = counter.get_flop_counts().get(type(pipe.transformer).__name__, {})
-    return sum(counts.values()) / 2.0 / len(prompts)
 
 
 def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "testbed:pixart-lcm",
@@ -135,28 +120,31 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
             rglcd_error = str(exc)
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
+    from ..bench import generate_counting_macs
+
     rows = default_rows("rglcd" in pipes)
+    student_scheduler = pipes["lcd"].scheduler
     prompts = list(heldout_prompts())[:prompts_count]
     seeds = list(range(len(prompts)))
     judge = _load_judge()
 
     images: dict[str, np.ndarray] = {}
-    macs: dict[str, float] = {}
+    macs: dict[str, float] = {}  # denoiser MACs per image
     for row in rows:
         pipe = pipes[row.pipeline]
         chunks = []
-        for i in range(0, len(prompts), batch):
-            with _row_context(pipe, row):
+        with _row_context(pipe, row, student_scheduler):
+            for i in range(0, len(prompts), batch):
                 chunks.append(_generate(pipe, row, prompts[i:i + batch], seeds[i:i + batch]))
+            macs[row.label] = generate_counting_macs(pipe, _call(row, prompts[:2], seeds[:2]))[1] / 2
         images[row.label] = np.concatenate(chunks)
-        macs[row.label] = denoiser_macs(pipe, row, prompts[:2], seeds[:2])
         print(f"generated {row.label}", flush=True)
 
     times: dict[str, list[float]] = {row.label: [] for row in rows}
     for _ in range(repeats):  # interleaved: every row once per round, so drift hits all rows alike
         for row in rows:
             pipe = pipes[row.pipeline]
-            with _row_context(pipe, row):
+            with _row_context(pipe, row, student_scheduler):
                 start = time.perf_counter()
                 _generate(pipe, row, prompts[:timing_batch], seeds[:timing_batch])
                 times[row.label].append(time.perf_counter() - start)

@@ -309,10 +309,10 @@ class LCD(Recipe):
     def student_pipeline(self, transformer: torch.nn.Module):
         """A pipeline of the teacher's class (with a sampler contract) around ``transformer`` and the student's
         scheduler, sampling without CFG at ``num_inference_steps``."""
-        from ..pipelines.contract import with_sampler_contract
+        from ..pipelines.contract import pipeline_class, with_sampler_contract
 
         opts: LCDOptions = self.options  # type: ignore[assignment]
-        base = next(c for c in type(self.pipe).__mro__ if not c.__name__.endswith("WithContract"))
+        base = pipeline_class(self.pipe)
         components = {k: v for k, v in self.pipe.components.items() if k != "sampler_contract"}
         components.update(transformer=transformer, scheduler=self.family.student_scheduler(opts.num_ddim_timesteps))
         contract = self.family.student_contract(self.teacher_contract, opts.num_inference_steps)
@@ -364,10 +364,11 @@ class LCD(Recipe):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        from ..pipelines.contract import pipeline_class
+
         trained = self.accelerator.unwrap_model(model)
         lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained))
-        base = next(c for c in type(self.pipe).__mro__ if not c.__name__.endswith("WithContract"))
-        base.save_lora_weights(str(out), transformer_lora_layers=lora)
+        pipeline_class(self.pipe).save_lora_weights(str(out), transformer_lora_layers=lora)
         fused = copy.deepcopy(trained)
         fused.fuse_lora()  # merge the adapter into the base weights, then drop the LoRA layers (Diffusers API)
         fused.unload_lora()

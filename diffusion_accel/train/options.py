@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -86,9 +87,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"--{name} {value!r} is not one of {', '.join(choices)}.")
 
 
+@functools.cache
+def _type_hints(owner: type) -> dict[str, Any]:
+    return typing.get_type_hints(owner)
+
+
 def _field_type(f: dataclasses.Field, owner: type) -> Any:
-    hints = typing.get_type_hints(owner)
-    return hints[f.name]
+    return _type_hints(owner)[f.name]
 
 
 def _scalar_type(tp: Any) -> tuple[Any, bool]:

@@ -25,6 +25,9 @@ class Recipe:
     #: The options dataclass (a :class:`TrainOptions` subclass holding the recipe's own flags).
     options_class: ClassVar[type[TrainOptions]] = TrainOptions
 
+    #: Training samples; :meth:`setup` sets it (the loop's data stream draws indices below it).
+    num_samples: int = 0
+
     def __init__(self, options: TrainOptions, accelerator: Any):
         self.options = options
         self.accelerator = accelerator

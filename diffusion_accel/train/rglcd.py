@@ -86,14 +86,6 @@ class RGLCD(LCD):
 
         return prompt_reward(self.expert, self.family.decode(latents).clamp(-1.0, 1.0), captions)
 
-    def _grid_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents on the image grid (Flux's are packed into tokens)."""
-        if latents.ndim == 4:
-            return latents
-        factor = self.pipe.vae_scale_factor
-        h, w = self.family._grid
-        return self.pipe._unpack_latents(latents, h * factor, w * factor, factor)
-
     def loss(self, model, stream, step, micro):
         opts: RGLCDOptions = self.options  # type: ignore[assignment]
         pair = self.consistency_pair(model, stream, step, micro)
@@ -106,7 +98,7 @@ class RGLCD(LCD):
             loss = distill - opts.reward_scale * reward.mean()
         else:
             pooled = self.cond.pooled[pair["rows"]]
-            proxy = self.accelerator.unwrap_model(self.lrm)(self._grid_latents(pair["f_online"]), pooled)
+            proxy = self.accelerator.unwrap_model(self.lrm)(self.family.grid_latents(pair["f_online"]), pooled)
             logs["proxy_reward"] = float(proxy.detach().mean())
             scale = opts.reward_scale if step >= opts.rm_warmup_steps else 0.0
             loss = distill - scale * proxy.mean()
@@ -122,7 +114,7 @@ class RGLCD(LCD):
         opts: RGLCDOptions = self.options  # type: ignore[assignment]
         last, n = self._last, min(opts.rm_batch_size, len(self._last["captions"]))
         triplet = torch.stack([last["online"][:n], last["target"][:n], last["real"][:n]], 1)  # [n, 3, ...]
-        flat = self._grid_latents(triplet.flatten(0, 1))
+        flat = self.family.grid_latents(triplet.flatten(0, 1))
         captions3 = [c for c in last["captions"][:n] for _ in range(3)]
         with torch.no_grad():
             expert = self.expert_reward(triplet.flatten(0, 1), captions3).view(n, 3)

@@ -65,7 +65,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None, recipe: str) -> P
     return path
 
 
-def claim(output_dir: str | Path, recipe: str, record: dict[str, Any], resuming: bool, overwrite: bool) -> None:
+def claim(output_dir: str | Path, recipe: str, resuming: bool, overwrite: bool) -> None:
     """Make ``output_dir`` this run's, or raise before touching it.
 
     A folder that holds another run (a different recipe, or the same recipe without ``--resume_from_checkpoint``)

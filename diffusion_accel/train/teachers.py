@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import diffusers_internals as internals
+
 
 @dataclass
 class Conditioning:
@@ -78,9 +80,13 @@ class TeacherFamily:
         cfg = self.pipe.vae.config
         return latents / float(cfg.scaling_factor) + float(getattr(cfg, "shift_factor", None) or 0.0)
 
+    def grid_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents on the image grid ``[B, C, H, W]`` (families that pack latents into tokens unpack)."""
+        return latents
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents → images in [-1, 1], differentiable (a reward's gradient flows through the VAE)."""
-        return self.pipe.vae.decode(self.from_model_space(latents)).sample
+        return self.pipe.vae.decode(self.from_model_space(self.grid_latents(latents))).sample
 
     # -- model ------------------------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -209,20 +215,17 @@ class FluxTeacher(TeacherFamily):
     def encode_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
         latents = super().encode_images(images, batch)
         b, c, h, w = latents.shape
-        self._grid = (h, w)
-        return self.pipe._pack_latents(latents, b, c, h, w)
+        self._grid = (h, w)  # the packed tokens do not say which grid they came from
+        return internals.pack_latents(type(self.pipe), latents, b, c, h, w)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def grid_latents(self, latents: torch.Tensor) -> torch.Tensor:
         factor = self.pipe.vae_scale_factor
         h, w = self._grid
-        unpacked = self.pipe._unpack_latents(latents, h * factor, w * factor, factor)
-        return self.pipe.vae.decode(self.from_model_space(unpacked)).sample
+        return internals.unpack_latents(type(self.pipe), latents, h * factor, w * factor, factor)
 
     def predict(self, model, x, t, cond):
-        from diffusers import FluxPipeline
-
         h, w = self._grid
-        img_ids = FluxPipeline._prepare_latent_image_ids(len(x), h // 2, w // 2, x.device, x.dtype)
+        img_ids = internals.prepare_latent_image_ids(type(self.pipe), len(x), h // 2, w // 2, x.device, x.dtype)
         txt = cond["encoder_hidden_states"]
         txt_ids = torch.zeros(txt.shape[1], 3, device=x.device, dtype=x.dtype)
         return model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=cond["pooled_projections"],

@@ -108,7 +108,7 @@ def run(recipe_cls: type[Recipe], options: TrainOptions) -> dict[str, Any]:
     resume = run_folder.resolve_resume(options.output_dir, options.resume_from_checkpoint, recipe_cls.name)
     accelerator = make_accelerator(options)
     if accelerator.is_main_process:
-        run_folder.claim(options.output_dir, recipe_cls.name, {}, resuming=resume is not None,
+        run_folder.claim(options.output_dir, recipe_cls.name, resuming=resume is not None,
                          overwrite=options.overwrite_output_dir)
     accelerator.wait_for_everyone()
     recipe = recipe_cls(options, accelerator)

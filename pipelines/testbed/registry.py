@@ -50,6 +50,8 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
     if name in STUDENT_NAMES:
         import json
 
+        from ..contract import CONTRACT_KEY
+
         index = json.loads((testbed_path(name) / "model_index.json").read_text())
-        return dict(index.get("sampler_contract") or {})
+        return dict(index.get(CONTRACT_KEY) or {})
     return dict(SAMPLER_CONTRACTS[name])

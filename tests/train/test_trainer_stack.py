@@ -57,17 +57,17 @@ def test_output_folder_guards_leave_files_alone(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty and is not a training run"):
-        run_folder.claim(foreign, "lcd", {}, resuming=False, overwrite=True)
+        run_folder.claim(foreign, "lcd", resuming=False, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
     run = tmp_path / "run"
     run_folder.write_run_record(run, "rglcd", {})
     with pytest.raises(ValueError, match="holds a run of recipe 'rglcd'"):
-        run_folder.claim(run, "lcd", {}, resuming=False, overwrite=False)
+        run_folder.claim(run, "lcd", resuming=False, overwrite=False)
     with pytest.raises(ValueError, match="cannot be resumed as 'lcd'"):
-        run_folder.claim(run, "lcd", {}, resuming=True, overwrite=False)
+        run_folder.claim(run, "lcd", resuming=True, overwrite=False)
     with pytest.raises(ValueError, match="--resume_from_checkpoint latest to continue"):
-        run_folder.claim(run, "rglcd", {}, resuming=False, overwrite=False)
+        run_folder.claim(run, "rglcd", resuming=False, overwrite=False)
 
     ckpt = run_folder.checkpoint_path(run, 5)
     ckpt.mkdir()
