@@ -167,8 +167,9 @@ def run(recipe_cls: type[Recipe], options: TrainOptions) -> dict[str, Any]:
         progress.update(1)
         progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "reward")})
         accelerator.log(logs, step=cursor.step)
-        if options.checkpointing_steps and cursor.step % options.checkpointing_steps == 0 \
-                and cursor.step < options.max_train_steps:
+        if cursor.step == options.max_train_steps:
+            break  # the last step's checkpoint and validation grid are written once, below
+        if options.checkpointing_steps and cursor.step % options.checkpointing_steps == 0:
             _save_checkpoint(accelerator, recipe, options, cursor.step)
         if options.validation_steps and cursor.step % options.validation_steps == 0:
             _validate(accelerator, recipe, model, options, cursor.step)
