@@ -14,7 +14,7 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "run_pipe", "tiny_call_kwargs",
+__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "router_spec", "method_name", "run_pipe", "tiny_call_kwargs",
            "tiny_pipeline"]
 
 
@@ -67,6 +67,27 @@ def linear_ag_spec(steps: int = 4) -> dict:
         coefficients = torch.tensor([[1.0, 0.0, 0.0]] + [[0.8, 0.15, 0.05]] * (steps - 1))
         save_coefficients(path, coefficients, {"family": "any", "steps": steps})
     return {"method": "linear_ag", "coefficients": str(path)}
+
+
+def router_spec(pipe, family: str, steps: int = 4, threshold: float = 0.5, method: str = "harmonica") -> dict:
+    """A ``harmonica`` config with a random router for ``pipe`` (seeded by the family name; no guidance check), so
+    that a router method runs on every family without training one; ``threshold`` 0.5 reuses about half the cells."""
+    import tempfile
+    import zlib
+    from pathlib import Path
+
+    from diffusion_accel.cache_router import CacheRouter
+
+    if not _COMPAT_DIR:
+        _COMPAT_DIR.append(Path(tempfile.mkdtemp(prefix="da-linear-ag-")))
+    folder = _COMPAT_DIR[0] / f"router-{family}-{steps}"
+    if not (folder / "router_config.json").is_file():
+        from .pipelines.adapters import find_adapter
+
+        units = len(find_adapter(pipe).routing_units(pipe))
+        gen = torch.Generator().manual_seed(zlib.crc32(family.encode()))
+        CacheRouter.for_pipeline(pipe, steps, None, logits=torch.randn(steps, units, generator=gen)).save(folder)
+    return {"method": method, "router": str(folder), "threshold": threshold}
 
 
 def method_name(spec) -> str:

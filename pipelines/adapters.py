@@ -104,6 +104,25 @@ class ModelAdapter:
             blocks.extend(getattr(denoiser, name, None) or [])
         return blocks
 
+    def routing_units(self, pipe: Any, attr: str | None = None) -> list[tuple[str, torch.nn.Module]]:
+        """The units a learned cache router (HarmoniCa, L2C) decides on, in execution order, as
+        ``(name, module)``: each block's gated branches (:data:`GATED_BRANCHES`) where its class is known, the
+        whole block elsewhere. Names are relative to the denoiser (``transformer_blocks.3.attn1``)."""
+        denoiser = self.get_denoiser(pipe, attr)
+        units: list[tuple[str, torch.nn.Module]] = []
+        for list_name in self.block_lists:
+            for index, block in enumerate(getattr(denoiser, list_name, None) or []):
+                prefix = f"{list_name}.{index}"
+                branches = GATED_BRANCHES.get(type(getattr(block, "_orig_mod", block)).__name__)
+                if branches is None:
+                    units.append((prefix, block))
+                    continue
+                for branch in branches:
+                    module = getattr(block, branch, None)
+                    if module is not None:  # DiT's block has no cross-attention, SD3's last no context MLP
+                        units.append((f"{prefix}.{branch}", module))
+        return units
+
     def cfg_mode(self, call_args: Mapping[str, Any]) -> CfgLayout:
         """The CFG layout a pipeline call with these (bound, defaults-applied) arguments will use."""
         if self.cfg_layout == "none":
@@ -117,6 +136,20 @@ class ModelAdapter:
             return "none"
         return self.cfg_layout
 
+
+
+#: The gated branches of a transformer block class: submodules whose output the block scales by an adaLN gate of
+#: the current timestep (or adds ungated, as cross-attention) after they return. A branch output cached at one step
+#: and returned at a later one is then re-gated with the later step's gate, which is HarmoniCa's caching unit
+#: (arXiv 2410.01723, the attention and MLP branch of DiT blocks). Read off each class's ``forward`` in Diffusers
+#: 0.42; blocks of other classes are routed whole.
+GATED_BRANCHES: dict[str, tuple[str, ...]] = {
+    "BasicTransformerBlock": ("attn1", "attn2", "ff"),  # DiT, PixArt-α/Σ: gate_msa·attn1, attn2 ungated, gate_mlp·ff
+    "FluxTransformerBlock": ("attn", "ff", "ff_context"),  # attn returns both streams, each gated after
+    "FluxSingleTransformerBlock": ("attn", "proj_mlp"),  # gate·proj_out(cat(attn, act(proj_mlp)))
+    "JointTransformerBlock": ("attn", "attn2", "ff", "ff_context"),  # SD3 / SD3.5
+    "WanTransformerBlock": ("attn1", "attn2", "ffn"),
+}
 
 # Reasons shared by several families (tests/engine/test_families.py runs every method the adapters allow).
 _CACHE_DIT_LEAVES_MODULES = "cache-dit 1.5.3's patch functor adds modules that its disable_cache leaves behind"
@@ -277,7 +310,7 @@ def _adapter_list() -> list[ModelAdapter]:
             prediction="flow", latent_layout="video",
             unsupported_methods={
                 "delta_cache": _GUIDER_PASSES, "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
-                "cfg_cutoff": _GUIDER_PASSES,
+                "cfg_cutoff": _GUIDER_PASSES, "harmonica": _GUIDER_PASSES, "l2c": _GUIDER_PASSES,
                 "sparse_attention": "its attention processor always passes a text-padding mask, which sends every "
                                     "call to dense attention, so the method would do nothing",
             },
@@ -302,7 +335,8 @@ def _adapter_list() -> list[ModelAdapter]:
             # (both returned); methods hook those blocks, with the audio as the second stream.
             family="ltx2", pipeline_classes=("LTX2Pipeline",), prediction="flow", latent_layout="packed_video",
             unsupported_methods={
-                "delta_cache": _LTX2_EXTRA_PASSES, "pab": _LTX2_PAB,
+                "delta_cache": _LTX2_EXTRA_PASSES, "harmonica": _LTX2_EXTRA_PASSES, "l2c": _LTX2_EXTRA_PASSES,
+                "pab": _LTX2_PAB,
                 "adaptive_guidance": _LTX2_TWO_OUTPUTS, "linear_ag": _LTX2_TWO_OUTPUTS, "cfg_cutoff": _LTX2_TWO_OUTPUTS,
                 "fbcache": "Diffusers 0.42.1's FirstBlockCache reads a block's second stream from its "
                            "encoder_hidden_states argument by name, so on a skipped step it hands the text embeddings "

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     cache_dit_peer,
     delta_cache,
     diffusers_caches,
+    harmonica,
     linear_ag,
     sparse_attention,
 )

@@ -14,10 +14,11 @@ from .recipe import Recipe
 
 def recipes() -> dict[str, type[Recipe]]:
     """Registered recipes by command-line name."""
+    from .harmonica import L2C, HarmoniCa
     from .lcd import LCD
     from .rglcd import RGLCD
 
-    return {r.name: r for r in (LCD, RGLCD)}
+    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

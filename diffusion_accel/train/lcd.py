@@ -74,6 +74,21 @@ class LCDOptions(TrainOptions):
             raise ValueError("--num_inference_steps must be >= 1.")
 
 
+def shapes_training_data(options: TrainOptions, resolution: int) -> tuple[np.ndarray, list[str]]:
+    """Images (uint8, ``resolution`` px) and captions: the procedural shapes set, from index
+    ``dataloader_seed_offset`` on (the testbed teachers saw the indices below it)."""
+    from ..pipelines.testbed.train_common import dataset
+
+    images, samples = dataset("train", options.num_train_samples, start=options.dataloader_seed_offset)
+    if images.shape[1] != resolution:
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(resolution, resolution), mode="area")
+        images = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return images, [s.caption for s in samples]
+
+
 def huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     """Pseudo-Huber distance, mean over elements: √((a−b)² + c²) − c."""
     return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
@@ -198,17 +213,7 @@ class LCD(Recipe):
 
     # -- data and models ---------------------------------------------------------------------------------------
     def training_data(self) -> tuple[np.ndarray, list[str]]:
-        """Images (uint8) and captions: the procedural shapes set, from index ``dataloader_seed_offset`` on."""
-        from ..pipelines.testbed.train_common import dataset
-
-        images, samples = dataset("train", self.options.num_train_samples, start=self.options.dataloader_seed_offset)
-        if images.shape[1] != self.resolution:
-            import torch.nn.functional as F
-
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
-            images = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        return images, [s.caption for s in samples]
+        return shapes_training_data(self.options, self.resolution)
 
     def setup(self, stream_factory) -> torch.nn.Module:
         opts: LCDOptions = self.options  # type: ignore[assignment]

@@ -72,6 +72,9 @@ class TeacherFamily:
             out.append(self.to_model_space(latents.float()))
         return torch.cat(out)
 
+    def use_resolution(self, height: int, width: int) -> None:
+        """Sample at ``height`` × ``width`` pixels without encoding images first (recipes that start from noise)."""
+
     def to_model_space(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
         return (latents - float(getattr(cfg, "shift_factor", None) or 0.0)) * float(cfg.scaling_factor)
@@ -211,6 +214,10 @@ class FluxTeacher(TeacherFamily):
         factor = self.pipe.vae_scale_factor
         h, w = height // factor, width // factor
         return ((h // 2) * (w // 2), self.pipe.vae.config.latent_channels * 4)
+
+    def use_resolution(self, height: int, width: int) -> None:
+        factor = self.pipe.vae_scale_factor
+        self._grid = (height // factor, width // factor)
 
     def encode_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
         latents = super().encode_images(images, batch)

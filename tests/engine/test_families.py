@@ -7,7 +7,8 @@ import torch
 from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
-from diffusion_accel.testing import FAMILIES, fingerprint, run_pipe, tiny_pipeline
+from diffusion_accel.config import parse_config
+from diffusion_accel.testing import FAMILIES, fingerprint, router_spec, run_pipe, tiny_pipeline
 
 
 def test_families_cover_the_issue_list():
@@ -27,6 +28,13 @@ def test_every_applicable_method_is_reversible(family):
     if family != "sd":  # less only what the family's adapter refuses, with its reason
         unsupported = set(find_adapter(pipe).unsupported_methods)
         assert {"delta_cache", "magcache", "taylorseer"} - unsupported <= set(methods)
+    adapter = find_adapter(pipe)
+    if adapter.block_lists:  # a learned cache router needs a trained file: a random one for this family
+        router = router_spec(pipe, family)
+        if parse_config(router).not_applicable_reason(adapter, pipe) is None:
+            methods.append(router)
+        else:
+            assert "harmonica" in adapter.unsupported_methods, parse_config(router).not_applicable_reason(adapter, pipe)
     for name in [None, *methods]:
         handle = da.apply(pipe) if name is None else da.apply(pipe, name)
         out = run_pipe(pipe, family)

@@ -1,0 +1,161 @@
+"""Hooks that let a cache router compute, reuse or mix the output of each routing unit.
+
+One runtime serves inference (the ``harmonica`` / ``l2c`` methods, hard decisions) and router training (soft
+mixing with differentiable scores), so the trained and the applied behaviour are the same code. A unit is a gated
+branch of a block (its output is cached as returned, and the block re-applies the current step's gate) or a whole
+block (its deviation h_out − h_in is cached and added to the current input, as Δ-DiT does, because a block's raw
+output would discard the current step's input).
+
+Modes, set by the driver before each denoiser forward:
+
+* ``"fill"``: compute every unit and store its output (the first step; the papers' fixed router);
+* ``"hard"``: ``compute[u]`` decides; a unit without a stored output for these rows computes;
+* ``"soft"``: HarmoniCa's training relaxation: out = r·fresh + (1 − r)·cached with r = ``scores[u]`` (a tensor
+  that carries the gradient to the router); the stored output is replaced by the (detached) mixed one where
+  r > ``store_threshold``;
+* ``"frozen"``: compute every unit and leave the store untouched (the full-compute reference of SDT).
+
+Stored outputs are kept per batch row key (:class:`~diffusion_accel.row_store.RowStore`), so CFG branches and
+samples never read each other's cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .blocks import BlockIO
+from .diffusers_internals import HookRegistry, hook_registry
+from .row_store import RowStore
+
+MODES = ("fill", "hard", "soft", "frozen")
+
+
+def is_whole_block(unit_name: str) -> bool:
+    """``ModelAdapter.routing_units`` names a whole block ``<list>.<index>`` and a branch ``<list>.<index>.<name>``."""
+    return unit_name.count(".") == 1
+
+
+class _UnitHook(ModelHook):
+    def __init__(self, runtime: RoutedUnits, index: int, whole_block: bool) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.index = index
+        self.whole_block = whole_block
+        self.io: BlockIO | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.whole_block:
+            self.io = BlockIO.for_module(module)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime.unit_forward(self, args, kwargs)
+
+
+def _as_tuple(output: Any) -> tuple[tuple[torch.Tensor | None, ...], bool]:
+    if isinstance(output, tuple):
+        return tuple(output), True
+    return (output,), False
+
+
+def _mix(fresh: tuple, cached: tuple, r: torch.Tensor) -> tuple:
+    return tuple(None if f is None or c is None else r * f + (1 - r) * c.to(f.dtype) for f, c in zip(fresh, cached,
+                                                                                                      strict=True))
+
+
+class RoutedUnits:
+    """Unit hooks and their stores. ``register(module, hook, name)`` installs a hook (the session's
+    ``register_hook`` at inference; :meth:`install` registers directly for training)."""
+
+    def __init__(self, units: list[tuple[str, torch.nn.Module]]) -> None:
+        self.names = [name for name, _ in units]
+        self.modules = [module for _, module in units]
+        self.whole_block = [is_whole_block(name) for name in self.names]
+        self.stores = [RowStore() for _ in units]
+        self._tuple_output = [False] * len(units)
+        self.mode = "fill"
+        self.compute: torch.Tensor | None = None  # bool [U] for "hard"
+        self.scores: torch.Tensor | None = None  # [U] for "soft"
+        self.store_threshold = 0.1
+        self.rows: list[tuple[str, int]] = []
+        self.computed = 0
+        self.reused = 0
+        #: Which units computed since the last :meth:`set_step` (the schedule as executed).
+        self.executed = torch.zeros(len(units), dtype=torch.bool)
+        self._installed: list[tuple[torch.nn.Module, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def hooks(self) -> list[tuple[torch.nn.Module, _UnitHook]]:
+        return [(m, _UnitHook(self, i, self.whole_block[i])) for i, m in enumerate(self.modules)]
+
+    def install(self, name: str = "diffusion_accel.router_training") -> RoutedUnits:
+        """Register the hooks directly (training); :meth:`uninstall` removes them."""
+        for module, hook in self.hooks():
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+            self._installed.append((module, name))
+        return self
+
+    def uninstall(self) -> None:
+        for module, name in reversed(self._installed):
+            registry = hook_registry(module)
+            if registry is not None:
+                registry.remove_hook(name, recurse=False)
+        self._installed.clear()
+
+    def reset(self) -> None:
+        for store in self.stores:
+            store.clear()
+        self.computed = self.reused = 0
+
+    def set_step(self, mode: str, rows: list[tuple[str, int]], *, compute: torch.Tensor | None = None,
+                 scores: torch.Tensor | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown routing mode {mode!r}; one of {MODES}")
+        self.mode, self.rows, self.compute, self.scores = mode, list(rows), compute, scores
+        self.executed = torch.zeros(len(self.modules), dtype=torch.bool)
+
+    # ------------------------------------------------------------------ one unit
+    def _value(self, hook: _UnitHook, args: tuple, kwargs: dict, output: Any) -> tuple:
+        """What is cached: a branch's output, or a whole block's deviation h_out − h_in."""
+        if not hook.whole_block:
+            value, is_tuple = _as_tuple(output)
+            self._tuple_output[hook.index] = is_tuple
+            return value
+        hidden_in, encoder_in = hook.io.inputs(args, kwargs)
+        hidden_out, encoder_out = hook.io.outputs(output)
+        encoder = None if encoder_in is None or encoder_out is None else encoder_out - encoder_in
+        return hidden_out - hidden_in, encoder
+
+    def _output(self, hook: _UnitHook, args: tuple, kwargs: dict, value: tuple) -> Any:
+        if not hook.whole_block:
+            return value if self._tuple_output[hook.index] else value[0]
+        hidden_in, encoder_in = hook.io.inputs(args, kwargs)
+        hidden = hidden_in + value[0].to(hidden_in.dtype)
+        encoder = encoder_in if encoder_in is None or value[1] is None else encoder_in + value[1].to(encoder_in.dtype)
+        return hook.io.make_output(hidden, encoder)
+
+    def unit_forward(self, hook: _UnitHook, args: tuple, kwargs: dict) -> Any:
+        index, store, rows = hook.index, self.stores[hook.index], self.rows
+        has = store.has(rows)
+        if self.mode == "hard" and has and not bool(self.compute[index]):
+            self.reused += 1
+            return self._output(hook, args, kwargs, store.get(rows))
+        output = hook.fn_ref.original_forward(*args, **kwargs)
+        self.computed += 1
+        self.executed[index] = True
+        if self.mode == "frozen":
+            return output
+        value = self._value(hook, args, kwargs, output)
+        if self.mode == "soft" and has:
+            r = self.scores[index]
+            value = _mix(value, store.get(rows), r)
+            if float(r.detach()) > self.store_threshold:
+                store.put(rows, tuple(None if v is None else v.detach() for v in value))
+            return self._output(hook, args, kwargs, value)
+        store.put(rows, tuple(None if v is None else v.detach() for v in value))
+        return output

@@ -1,0 +1,167 @@
+"""Learned cache routers (HarmoniCa / L2C) at inference: the schedule applied is the router's, its cost is the
+predicted one, an all-compute router changes nothing, and a router that does not fit is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusion_accel.cache_router import CacheRouter
+from diffusion_accel.pipelines.adapters import find_adapter
+
+import diffusion_accel as da
+from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("pixart_alpha")
+
+
+def _router(pipe, tmp_path, logits=None, guidance=None, name="router"):
+    units = len(find_adapter(pipe).routing_units(pipe))
+    if logits is None:
+        logits = torch.randn(STEPS, units, generator=torch.Generator().manual_seed(1))
+    return CacheRouter.for_pipeline(pipe, STEPS, guidance, logits=logits).save(tmp_path / name)
+
+
+def _executed(pipe, config):
+    """Per denoiser forward: (step, which units computed), from the method's runtime."""
+    with da.accelerated(pipe, config) as handle:
+        method = handle.session.methods[0]
+        trace = []
+        original = method.units.set_step
+
+        def spy(mode, rows, **kw):
+            if method.units.rows or trace:
+                trace.append(method.units.executed.clone())
+            original(mode, rows, **kw)
+
+        method.units.set_step = spy
+        out = run_pipe(pipe, "pixart_alpha")
+        trace.append(method.units.executed.clone())
+        stats = da.stats(pipe)
+    return out, trace, stats
+
+
+def test_units_are_the_gated_branches(pipe):
+    names = [n for n, _ in find_adapter(pipe).routing_units(pipe)]
+    assert names[:3] == ["transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "transformer_blocks.0.ff"]
+    assert len(names) == 3 * len(pipe.transformer.transformer_blocks)
+
+
+def test_all_compute_router_is_bit_identical(pipe, tmp_path):
+    baseline = run_pipe(pipe, "pixart_alpha")
+    before = fingerprint(pipe)
+    folder = _router(pipe, tmp_path)
+    with da.accelerated(pipe, {"method": "harmonica", "router": str(folder), "threshold": 0.0}):
+        assert torch.equal(run_pipe(pipe, "pixart_alpha"), baseline)
+    with da.accelerated(pipe, {"method": "harmonica", "router": str(folder), "threshold": 0.5}):
+        assert not torch.equal(run_pipe(pipe, "pixart_alpha"), baseline)
+    assert fingerprint(pipe) == before
+    assert torch.equal(run_pipe(pipe, "pixart_alpha"), baseline)
+
+
+def test_schedule_applied_is_the_routers(pipe, tmp_path):
+    folder = _router(pipe, tmp_path)
+    router = CacheRouter.load(folder)
+    expected = router.decisions(0.5)
+    _, trace, stats = _executed(pipe, {"method": "harmonica", "router": str(folder), "threshold": 0.5})
+    assert len(trace) == STEPS  # batched CFG: one forward per step
+    for step, executed in enumerate(trace):
+        assert torch.equal(executed, expected[step]), step
+    extra = stats["harmonica"]
+    assert extra["units_reused"] == int((~expected).sum())
+    assert abs(extra["cache_rate"] - router.cache_rate(0.5)) < 1e-9
+
+
+def test_predicted_macs_equal_the_flop_counter(pipe, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion_accel.testing import tiny_call_kwargs
+
+    adapter = find_adapter(pipe)
+    names = [n for n, _ in adapter.routing_units(pipe)]
+    kwargs = {**tiny_call_kwargs("pixart_alpha"), "clean_caption": False, "output_type": "pt"}
+
+    def counted(config=None):
+        counter = FlopCounterMode(display=False)
+        with da.accelerated(pipe, *([config] if config else [])):
+            with counter:
+                pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        return counter.get_flop_counts()
+
+    full = counted()
+    root = type(pipe.transformer).__name__
+    total = sum(full[root].values()) / 2
+    unit = torch.tensor([sum(full[f"{root}.{n}"].values()) / 2 / STEPS for n in names], dtype=torch.float64)
+    rest = total / STEPS - float(unit.sum())
+    folder = _router(pipe, tmp_path)
+    router = CacheRouter.load(folder)
+    decisions = router.decisions(0.5)
+    routed = counted({"method": "harmonica", "router": str(folder), "threshold": 0.5})
+    measured = sum(routed[root].values()) / 2
+    assert decisions.sum() < decisions.numel()
+    assert router.predicted_macs(decisions, unit, rest) == pytest.approx(measured, rel=1e-9)
+
+
+def test_threshold_from_a_target(pipe, tmp_path):
+    folder = _router(pipe, tmp_path)
+    router = CacheRouter.load(folder)
+    router.config["unit_macs_share"] = [1.0 / len(router.units)] * len(router.units)
+    router.config["rest_macs_share"] = 0.0
+    tau = router.threshold_for(macs_ratio=1.5)
+    assert router.macs_ratio(tau) >= 1.5
+    scores = router.scores()[1:].flatten()
+    smaller = scores[scores < tau]
+    if smaller.numel():  # one cell fewer reused falls short: τ is the smallest that reaches the target
+        assert router.macs_ratio(float(smaller.max())) < 1.5
+    rate_tau = router.threshold_for(cache_rate=0.3)
+    assert router.cache_rate(rate_tau) >= 0.3
+    with pytest.raises(ValueError, match="reaches at most"):
+        router.threshold_for(macs_ratio=100.0)
+
+
+def test_mismatched_routers_are_refused(pipe, tmp_path):
+    before = fingerprint(pipe)
+    folder = _router(pipe, tmp_path)
+    with pytest.raises(ValueError, match="trained for 4 sampling steps, the call runs 3"):
+        with da.accelerated(pipe, {"method": "harmonica", "router": str(folder)}):
+            run_pipe(pipe, "pixart_alpha", num_inference_steps=3)
+    guided = _router(pipe, tmp_path, guidance=7.0, name="guided")
+    with pytest.raises(ValueError, match="guidance scale 7.0"):
+        with da.accelerated(pipe, {"method": "harmonica", "router": str(guided)}):
+            run_pipe(pipe, "pixart_alpha")
+    # another model depth
+    config = json.loads((folder / "router_config.json").read_text())
+    config["depth"] = 28
+    (folder / "router_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model depth"):
+        da.apply(pipe, {"method": "harmonica", "router": str(folder)})
+    config["depth"] = len(pipe.transformer.transformer_blocks)
+    config["scheduler_class"] = "EulerDiscreteScheduler"
+    (folder / "router_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="scheduler"):
+        da.apply(pipe, {"method": "harmonica", "router": str(folder)})
+    with pytest.raises(ValueError, match="diffusion-accel train harmonica"):
+        da.apply(pipe, "harmonica")  # no router shipped with a tiny pipeline
+    with pytest.raises(ValueError, match="not a cache router folder"):
+        da.apply(pipe, {"method": "harmonica", "router": str(tmp_path)})
+    assert fingerprint(pipe) == before
+
+
+def test_flux_blocks_route_both_streams(tmp_path):
+    """Flux: dual-stream blocks' attention returns two streams, single-stream blocks route attn and proj_mlp."""
+    flux = tiny_pipeline("flux")
+    names = [n for n, _ in find_adapter(flux).routing_units(flux)]
+    assert "transformer_blocks.0.ff_context" in names and "single_transformer_blocks.0.proj_mlp" in names
+    baseline = run_pipe(flux, "flux")
+    folder = _router(flux, tmp_path)
+    with da.accelerated(flux, {"method": "harmonica", "router": str(folder), "threshold": 0.5}):
+        out = run_pipe(flux, "flux")
+        assert da.stats(flux)["harmonica"]["units_reused"] > 0
+    assert torch.isfinite(out).all() and not torch.equal(out, baseline)
+    assert torch.equal(run_pipe(flux, "flux"), baseline)

@@ -1,0 +1,73 @@
+"""Cache-router trainers (HarmoniCa, L2C) on a tiny PixArt: resume replays exactly, L2C pins its full steps, the
+artefact applies with the contract it was trained under."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffusion_accel as da
+from diffusion_accel.cache_router import CacheRouter
+from diffusion_accel.train import harmonica, train
+
+TINY = {"pretrained_teacher_model": "tiny:pixart_alpha", "guidance_scale": 4.0, "resolution": 32,
+        "num_inference_steps": 4, "num_train_samples": 16, "train_batch_size": 2, "validation_steps": 0,
+        "learning_rate": 0.05}
+
+
+def _logits(folder) -> torch.Tensor:
+    return load_file(str(folder / "router.safetensors"))["logits"]
+
+
+def test_killed_and_resumed_router_training_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    """4 trajectories straight vs 2, a crash, and a resume: the same router. The IEPO weights are refreshed at
+    trajectories 0 and 3, so the resumed run must restore the weights of trajectory 0 (a checkpointed object), the
+    optimizer's moments and the router."""
+    common = {**TINY, "max_train_steps": 4, "checkpointing_steps": 2, "lambda_refresh_steps": 3,
+              "num_lambda_prompts": 2}
+    train("harmonica", output_dir=str(tmp_path / "straight"), **common)
+
+    original = harmonica.HarmoniCa.loss
+
+    def crash_at_step_2(self, model, stream, step, micro):
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, model, stream, step, micro)
+
+    monkeypatch.setattr(harmonica.HarmoniCa, "loss", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train("harmonica", output_dir=str(tmp_path / "killed"), **common)
+    monkeypatch.setattr(harmonica.HarmoniCa, "loss", original)
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir()
+    train("harmonica", output_dir=str(tmp_path / "killed"), resume_from_checkpoint="latest", **common)
+
+    straight, resumed = _logits(tmp_path / "straight"), _logits(tmp_path / "killed")
+    assert torch.equal(straight, resumed)
+    initial = torch.randn(straight.shape, generator=torch.Generator().manual_seed(0)).clamp(-5, 5)
+    assert not torch.allclose(straight[1:], initial[1:])  # training moved the router
+
+
+def test_l2c_pins_alternate_steps_and_the_router_applies(tmp_path):
+    out = tmp_path / "l2c"
+    record = train("l2c", output_dir=str(out), max_train_steps=3, **TINY)
+    router = CacheRouter.load(out)
+    assert record["objective"] == "l2c" and router.config["objective"] == "l2c"
+    assert router.trainable[1::2].all() and not router.trainable[0::2].any()
+    decisions = router.decisions(0.99)
+    assert decisions[0::2].all()  # L2C's full steps compute whatever τ is
+    assert router.config["num_inference_steps"] == 4 and router.config["guidance_scale"] == 4.0
+    shares = router.config["unit_macs_share"]
+    assert len(shares) == len(router.units) and 0.9 < sum(shares) < 1.0
+
+    pipe = da.load_pipeline("tiny:pixart_alpha")
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a red circle", "num_inference_steps": 4, "guidance_scale": 4.0, "height": 32, "width": 32,
+            "clean_caption": False, "use_resolution_binning": False, "output_type": "pt"}
+    with da.accelerated(pipe, {"method": "l2c", "router": str(out), "threshold": 0.99}):
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        stats = da.stats(pipe)["l2c"]
+    assert stats["units_reused"] == int((~decisions).sum())
+    with pytest.raises(ValueError, match="guidance scale 4.0, the call uses 7.0"):
+        with da.accelerated(pipe, {"method": "l2c", "router": str(out)}):
+            pipe(**{**call, "guidance_scale": 7.0})
