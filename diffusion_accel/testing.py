@@ -14,8 +14,8 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "router_spec", "method_name", "run_pipe", "tiny_call_kwargs",
-           "tiny_pipeline"]
+__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "router_spec", "run_pipe",
+           "tiny_call_kwargs", "tiny_pipeline"]
 
 
 def run_pipe(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:

@@ -130,7 +130,8 @@ class L2CConfig(HarmoniCaConfig):
     L2C's routers compute every unit on alternate steps (the paper's reset), which the router table itself pins."""
 
     name: ClassVar[str] = "l2c"
-    summary: ClassVar[str] = "Learning-to-Cache: a router trained step by step from noised images (HarmoniCa's ablation)"
+    summary: ClassVar[str] = ("Learning-to-Cache: a router trained step by step from noised images (HarmoniCa's "
+                               "ablation)")
     objective: ClassVar[str] = "l2c"
 
 

@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record = run(cls, options)
     if record:
-        print(f"saved the {cls.name} student to {options.output_dir}")
+        print(f"saved the {cls.name} {cls.artefact} to {options.output_dir}")
     return 0
 
 
 def add_parser(sub: Any) -> None:
     """The ``train`` sub-command of ``diffusion-accel`` (arguments are parsed by the recipe)."""
-    parser = sub.add_parser("train", help="train a distilled student or a cache router (recipes: lcd, rglcd, harmonica, l2c)", add_help=False)
+    parser = sub.add_parser("train", help="train a distilled student or a cache router (recipes: lcd, rglcd, "
+                                          "harmonica, l2c)", add_help=False)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     parser.set_defaults(func=lambda ns: main(ns.args))

@@ -120,6 +120,7 @@ class RouterRecipe(Recipe):
     """What both router trainers share: the frozen pipeline, its sampler, the unit hooks and the artefact."""
 
     options_class = RouterOptions
+    artefact = "cache router"
     objective = ""
 
     # -- pipeline --------------------------------------------------------------------------------------------

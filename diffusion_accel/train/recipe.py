@@ -22,6 +22,8 @@ class Recipe:
     name: ClassVar[str] = ""
     #: One line for ``diffusion-accel train --help``.
     summary: ClassVar[str] = ""
+    #: What the recipe writes to ``--output_dir`` (for messages): a student pipeline, a cache router, ...
+    artefact: ClassVar[str] = "student pipeline"
     #: The options dataclass (a :class:`TrainOptions` subclass holding the recipe's own flags).
     options_class: ClassVar[type[TrainOptions]] = TrainOptions
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from diffusion_accel.cache_router import CacheRouter
 from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
+from diffusion_accel.cache_router import CacheRouter
 from diffusion_accel.testing import fingerprint, run_pipe, tiny_pipeline
 
 STEPS = 4
