@@ -30,6 +30,7 @@ Paper symbol → flag: β → ``--cache_weight``, C → ``--lambda_refresh_steps
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,7 @@ class RouterRecipe(Recipe):
         captured: dict[str, Any] = {}
         original = scheduler.set_timesteps
 
+        @functools.wraps(original)  # pipelines inspect set_timesteps' signature (Flux: custom sigmas)
         def capture(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             captured.setdefault("scheduler", copy.deepcopy(scheduler))
@@ -208,7 +210,9 @@ class RouterRecipe(Recipe):
     def guided(self, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict, scheduler: Any) -> torch.Tensor:
         """The CFG prediction ε̂ = u + w (c − u) the sampler uses, from one batched [cond; uncond] forward."""
         both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-        xin = scheduler.scale_model_input(torch.cat([x, x]), t)
+        xin = torch.cat([x, x])
+        if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none (identity)
+            xin = scheduler.scale_model_input(xin, t)
         out = self.family.predict(self.denoiser, xin, t.expand(len(xin)).to(x.dtype), both)
         c, u = out.chunk(2)
         return u + self.guidance * (c - u)
