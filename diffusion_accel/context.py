@@ -52,8 +52,10 @@ class StepContext:
 class TimestepResolver:
     """Maps the timestep a denoiser receives to the step index of the scheduler's current schedule."""
 
-    def __init__(self, timestep_scale: float = 1.0) -> None:
+    def __init__(self, timestep_scale: float = 1.0, timestep_offset: float = 0.0) -> None:
+        # the scheduler timestep is timestep_offset + timestep_scale × what the denoiser receives (ModelAdapter)
         self.timestep_scale = timestep_scale
+        self.timestep_offset = timestep_offset
         self._schedule_ref: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.schedules_seen = 0
@@ -84,7 +86,7 @@ class TimestepResolver:
         if timestep is None or self._values is None or self._values.numel() == 0:
             return 0, 0, float("nan"), new_schedule
         t = torch.as_tensor(timestep).detach().flatten()
-        value = float(t[0]) * self.timestep_scale if t.numel() else float("nan")
+        value = self.timestep_offset + float(t[0]) * self.timestep_scale if t.numel() else float("nan")
         index = int(torch.argmin((self._values - value).abs()))
         return index, int(self._values.numel()), float(self._values[index]), new_schedule
 

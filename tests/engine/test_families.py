@@ -2,41 +2,61 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusion_accel.pipelines.adapters import find_adapter
 
 import diffusion_accel as da
-from diffusion_accel.testing import FAMILIES, fingerprint, run_pipe, tiny_pipeline
+from diffusion_accel.testing import FAMILIES, fingerprint, pipe_outputs, run_pipe, tiny_pipeline
 
 
 def test_families_cover_the_issue_list():
     expected = {"dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "cogvideox", "wan", "hunyuan_video",
                 "ltx_video", "sd", "wan22", "qwen_image", "flux2", "sana", "cogview4", "mochi", "hunyuan_video15",
-                "ovis_image", "ltx2"}
+                "ovis_image", "ltx2", "z_image"}
     assert expected <= set(FAMILIES)
+
+
+def _taylorseer_on_self_attention(adapter) -> dict:
+    """TaylorSeer told the adapter's self-attention modules, for denoisers whose attention is not named like
+    TaylorSeer's default identifiers (``attn``, ``attn1``, ...): Z-Image's ``layers.<i>.attention``."""
+    names = "|".join(re.escape(n) for n in adapter.extra.get("self_attention", ()))
+    return {"method": "taylorseer",
+            "cache_identifiers": [rf"^{re.escape(blocks)}\.\d+\.(?:{names})$" for blocks in adapter.block_lists]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_applicable_method_is_reversible(family):
     pipe = tiny_pipeline(family)
-    baseline = run_pipe(pipe, family)
+    baseline = pipe_outputs(pipe, family)  # every output: LTX-2's audio as well as its video
     before = fingerprint(pipe)  # after one call: pipelines set their own attributes (_guidance_scale, ...)
-    assert torch.isfinite(baseline).all()
-    methods = da.list_methods(pipe)
+    assert all(torch.isfinite(value).all() for value in baseline.values())
+    methods: list = da.list_methods(pipe)
     if family != "sd":  # less only what the family's adapter refuses, with its reason
-        unsupported = set(find_adapter(pipe).unsupported_methods)
-        assert {"delta_cache", "magcache", "taylorseer"} - unsupported <= set(methods)
-    for name in [None, *methods]:
-        handle = da.apply(pipe) if name is None else da.apply(pipe, name)
-        out = run_pipe(pipe, family)
-        assert out.shape == baseline.shape and torch.isfinite(out).all(), name
+        adapter = find_adapter(pipe)
+        unsupported = set(adapter.unsupported_methods)
+        assert {"delta_cache", "magcache"} - unsupported <= set(methods)
+        if "taylorseer" not in methods and "taylorseer" not in unsupported:
+            # not offered with its defaults: it must run when told the self-attention modules (its error says so)
+            with pytest.raises(ValueError, match="cache_identifiers"):
+                da.apply(pipe, "taylorseer")
+            methods.append(_taylorseer_on_self_attention(adapter))
+    for spec in [None, *methods]:
+        name = spec if spec is None or isinstance(spec, str) else spec["method"]
+        handle = da.apply(pipe) if spec is None else da.apply(pipe, spec)
+        out = pipe_outputs(pipe, family)
+        assert out.keys() == baseline.keys(), name
+        for field, value in out.items():
+            assert value.shape == baseline[field].shape and torch.isfinite(value).all(), (name, field)
         stats = da.stats(pipe)
         assert stats["nfe"] >= 1 and stats["num_steps"] == 4, (name, stats["num_steps"])
         handle.remove()
         assert fingerprint(pipe) == before, name
-        again = run_pipe(pipe, family)
-        assert torch.equal(again, baseline), f"{family}/{name}: output changed after remove()"
+        again = pipe_outputs(pipe, family)
+        for field, value in baseline.items():
+            assert torch.equal(again[field], value), f"{family}/{name}: {field} changed after remove()"
 
 
 @pytest.mark.parametrize("family", ["pixart_alpha", "flux", "wan"])
