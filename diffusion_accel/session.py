@@ -46,6 +46,9 @@ SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
 _BLOCK_COUNTER_HOOK = "diffusion_accel.block_counter"
 _IO_HOOK = "diffusion_accel.denoiser_io"
+#: Cache-context names under which pipelines run their CFG branches, one per pass or batched together
+#: (``cache_context("cond_uncond")``); any other name is a pass of its own (see ``AccelSession._rows``).
+_CFG_CONTEXTS = ("cond", "uncond", "cond_uncond")
 
 #: The session whose pipeline call is running in this thread / task (``None`` outside patched calls).
 _ACTIVE_SESSION: contextvars.ContextVar[AccelSession | None] = contextvars.ContextVar(
@@ -572,15 +575,20 @@ class AccelSession:
 
     def _rows(self, batch: int, branch_name: str | None) -> tuple[str, list[tuple[str, int]]]:
         mode = self.context.cfg_mode
+        # A pass in a cache context of its own (LTX-2's spatio-temporal and modality-isolation guidance, a guider's
+        # "pred_cond"/"pred_uncond") computes something else than the CFG branches: its rows are keyed by its name,
+        # so that per-row caches never hand one pass's state to another.
+        own_pass = branch_name is not None and branch_name not in _CFG_CONTEXTS
         # A batched-CFG pipeline can also run cond-only forwards of just its samples within the call (Z-Image past
-        # cfg_truncation, LTX-2's guidance passes): a batch the size of the samples already seen is one of those.
+        # cfg_truncation): a batch the size of the samples already seen is one of those.
         cond_only = 0 < self.context.num_samples == batch
-        if mode == "batched" and batch % 2 == 0 and not cond_only:
+        if mode == "batched" and batch % 2 == 0 and not cond_only and not own_pass:
             half = batch // 2
             first, second = ("uncond", "cond") if self.adapter.uncond_first else ("cond", "uncond")
             return "batched", [(first, i) for i in range(half)] + [(second, i) for i in range(half)]
         branch = branch_name if branch_name in ("cond", "uncond") else "cond"
-        return branch, [(branch, i) for i in range(batch)]
+        key = branch_name if own_pass else branch
+        return branch, [(key, i) for i in range(batch)]
 
     def run_forward(self, forward: Callable[..., Any], module: torch.nn.Module, args: tuple, kwargs: dict,
                     diffusers_context: internals.CacheContext | None) -> Any:

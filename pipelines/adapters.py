@@ -151,16 +151,10 @@ _INVERTED_SIGMAS = ("the scheduler runs inverted sigmas (invert_sigmas=True), so
                     "x_t = (1-σ)·x0 + σ·noise this method converts predictions and re-noises with")
 
 _GUIDER_PASSES = ("the pipeline's guider names its CFG passes 'pred_cond'/'pred_uncond' and takes its scale from the "
-                  "guider component, while sessions read CFG from call arguments and 'cond'/'uncond' passes, so this "
-                  "method would key both passes as one (Diffusers' own caches read the names and do apply)")
+                  "guider component, while guidance methods read CFG from call arguments and skip the 'uncond' pass, "
+                  "so this method would find no unconditional pass to drop (per-row caches key the guider's passes "
+                  "by their names and do apply)")
 
-# LTX-2 (LTX2Pipeline with its default stg_scale=1 and modality_scale=3): besides the batched CFG pass, every step runs
-# cond-only guidance passes in cache_context("uncond_stg") and ("uncond_modality").
-_LTX2_EXTRA_PASSES = ("besides the batched CFG pass, the pipeline runs a spatio-temporal-guidance pass and a "
-                      "modality-isolation pass per step (cache contexts 'uncond_stg'/'uncond_modality', on by "
-                      "default), which sessions key as the 'cond' branch, so this method would reuse one pass's "
-                      "cached block deviations for another (Diffusers' own caches key their state by the context "
-                      "name and do apply)")
 _LTX2_TWO_OUTPUTS = ("the transformer returns a video and an audio prediction and the pipeline guides both from the "
                      "batched pass, while guidance methods drop and re-fill rows of the first output only (and "
                      "slicing the batch breaks LTX-2's rotary embeddings: RuntimeError in apply_split_rotary_emb)")
@@ -300,7 +294,7 @@ def _adapter_list() -> list[ModelAdapter]:
             family="hunyuan_video15", pipeline_classes=("HunyuanVideo15Pipeline",), cfg_layout="separate",
             prediction="flow", latent_layout="video",
             unsupported_methods={
-                "delta_cache": _GUIDER_PASSES, "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
+                "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
                 "cfg_cutoff": _GUIDER_PASSES,
                 "sparse_attention": "its attention processor always passes a text-padding mask, which sends every "
                                     "call to dense attention, so the method would do nothing",
@@ -326,7 +320,7 @@ def _adapter_list() -> list[ModelAdapter]:
             # (both returned); methods hook those blocks, with the audio as the second stream.
             family="ltx2", pipeline_classes=("LTX2Pipeline",), prediction="flow", latent_layout="packed_video",
             unsupported_methods={
-                "delta_cache": _LTX2_EXTRA_PASSES, "pab": _LTX2_PAB,
+                "pab": _LTX2_PAB,
                 "adaptive_guidance": _LTX2_TWO_OUTPUTS, "linear_ag": _LTX2_TWO_OUTPUTS, "cfg_cutoff": _LTX2_TWO_OUTPUTS,
                 "fbcache": "Diffusers 0.42.1's FirstBlockCache reads a block's second stream from its "
                            "encoder_hidden_states argument by name, so on a skipped step it hands the text embeddings "

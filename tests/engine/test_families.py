@@ -96,3 +96,27 @@ def test_state_follows_the_expert_switch():
         run_pipe(single, "wan")
         assert {s["step"]: s["blocks_skipped"] for s in da.stats(single)["steps"]}[1]
     assert torch.equal(run_pipe(pipe, "wan22"), baseline)
+
+
+def test_guidance_passes_of_their_own_are_keyed_apart():
+    """LTX-2 runs, per step, the batched CFG pass and two cond-only guidance passes in cache contexts of their own
+    ("uncond_stg", "uncond_modality"): their rows carry those names, so Δ-cache keeps a cache per pass and skips
+    blocks in each (reusing the CFG pass's cond deviations for them would mix different computations)."""
+    pipe = tiny_pipeline("ltx2")
+    baseline = pipe_outputs(pipe, "ltx2")
+    handle = da.apply(pipe, "delta_cache")
+    rows = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: rows.append(list(handle.session.context.rows)))
+    try:
+        pipe_outputs(pipe, "ltx2")
+        stats = da.stats(pipe)
+    finally:
+        hook.remove()
+        handle.remove()
+    assert rows[:3] == [[("uncond", 0), ("cond", 0)], [("uncond_stg", 0)], [("uncond_modality", 0)]]
+    assert len(rows) == 12 and rows[3:] == rows[:3] * 3
+    skipped = [s for s in stats["steps"] if s["blocks_skipped"]]
+    # each of the three passes of a skipping step reuses its own cached deviations: no block runs in any of them
+    assert skipped and all(s["nfe"] == 3 and s["blocks_run"] == 0 for s in skipped)
+    again = pipe_outputs(pipe, "ltx2")
+    assert all(torch.equal(again[field], value) for field, value in baseline.items())
