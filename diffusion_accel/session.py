@@ -433,7 +433,7 @@ class AccelSession:
     def _keep_hooks_eager(self) -> None:
         """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
         names = {__name__, "diffusion_accel.call_stats", "diffusion_accel.context", "diffusion_accel.blocks",
-                 "diffusion_accel.row_store"}
+                 "diffusion_accel.row_store", "diffusion_accel.batching"}
         names.update(type(method).__module__ for method in self.methods)
         for name in sorted(names):
             _compile.mark_eager(name)

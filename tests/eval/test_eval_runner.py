@@ -163,8 +163,10 @@ def test_module_entry_point_with_dit_labels(tmp_path, capsys):
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "sharded"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_accel.eval",
+    # the launcher of this interpreter: a bare `accelerate` on PATH may belong to another install of the package
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "diffusion_accel.eval",
                     "--pipeline", "tiny:pixart_alpha", "--num-images", "5", "--metrics", "psnr", "--out", str(out),
                     "--no-progress", "--call", "clean_caption=false"], check=True, env=env, timeout=600)
     generation = json.loads((out / "results.json").read_text())["generation"]
