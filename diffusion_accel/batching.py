@@ -110,6 +110,7 @@ class DenoiserIO:
     def to_methods(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.identity:
             return args, kwargs
+
         def convert(name: str, value: Any) -> Any:
             if not isinstance(value, (list, tuple)):
                 return value  # already batched (a caller that stacked it itself)
@@ -137,6 +138,7 @@ class DenoiserIO:
     def output_to_pipeline(self, output: Any) -> Any:
         if self.identity:
             return output
+
         def convert(sample: Any) -> Any:
             sample = sample if self.sign == 1.0 else -sample
             return list(sample.unbind(0)) if self.latent is not None else sample

@@ -343,7 +343,9 @@ def _adapter_list() -> list[ModelAdapter]:
             # timestep as `t` = (1000 − timestep) / 1000, and returns a per-sample list of the negated flow velocity
             # (the pipeline negates it). Its main blocks (`layers`) run on [image, text] tokens; the refiners before
             # them see the image or the text alone.
-            family="z_image", pipeline_classes=("ZImagePipeline",), block_lists=("layers",),
+            # ZImageImg2ImgPipeline runs the same loop; the inpainting pipeline is left out: bottleneck's low-resolution
+            # stages do not resize its full-resolution mask (RuntimeError), and an adapter cannot refuse per class.
+            family="z_image", pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline"), block_lists=("layers",),
             cfg_scale_threshold=0.0, uncond_first=False, prediction="flow", timestep_argument="t",
             timestep_scale=-1000.0, timestep_offset=1000.0, output_sign=-1.0, per_sample_lists=("x", "cap_feats"),
             repeated_blocks=("ZImageTransformerBlock",),

@@ -166,3 +166,19 @@ def test_z_image_adapter():
     assert adapter.family == "z_image" and adapter.cfg_mode({"guidance_scale": 0.5}) == "batched"
     assert adapter.cfg_mode({"guidance_scale": 0.0}) == "none"
     assert {"fbcache", "sparse_attention"} <= set(adapter.unsupported_methods)
+
+
+def test_z_image_img2img_runs_the_same_conventions():
+    from diffusers import ZImageImg2ImgPipeline
+
+    pipe = ZImageImg2ImgPipeline(**tiny_pipeline("z_image").components)
+    pipe.set_progress_bar_config(disable=True)
+    assert find_adapter(pipe).family == "z_image"
+    call = {"image": torch.rand(1, 3, 32, 32), "strength": 0.75, "num_inference_steps": 8}
+    baseline = run_pipe(pipe, "z_image", **call)
+    with da.accelerated(pipe, "delta_cache"):
+        assert torch.isfinite(run_pipe(pipe, "z_image", **call)).all()
+        stats = da.stats(pipe)
+    # strength 0.75 of 8 steps: the last 6 of the schedule, in order; Δ-cache skips blocks in them
+    assert [s["step"] for s in stats["steps"]] == [2, 3, 4, 5, 6, 7] and stats["blocks_run"] < stats["blocks_total"]
+    assert torch.equal(run_pipe(pipe, "z_image", **call), baseline)
