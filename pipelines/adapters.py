@@ -345,6 +345,8 @@ def _adapter_list() -> list[ModelAdapter]:
             # them see the image or the text alone.
             # ZImageImg2ImgPipeline runs the same loop; the inpainting pipeline is left out: bottleneck's low-resolution
             # stages do not resize its full-resolution mask (RuntimeError), and an adapter cannot refuse per class.
+            # TaylorSeer is not refused: its default identifiers (`attn*`) miss the `attention` modules, its error says
+            # so, and with cache_identifiers=[r"^layers\.\d+\.attention$"] it runs (tests/engine/test_families.py).
             family="z_image", pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline"), block_lists=("layers",),
             cfg_scale_threshold=0.0, uncond_first=False, prediction="flow", timestep_argument="t",
             timestep_scale=-1000.0, timestep_offset=1000.0, output_sign=-1.0, per_sample_lists=("x", "cap_feats"),

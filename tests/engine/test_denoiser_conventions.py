@@ -160,6 +160,19 @@ def test_block_registry_correction_names_the_argument_the_block_takes():
     assert block_metadata(FluxTransformerBlock) is flux
 
 
+def test_magcache_reads_z_image_blocks_through_the_corrected_registry():
+    """MagCache reads a block's input by the registry's argument name: with `x` it skips blocks on Z-Image (with
+    Diffusers' `hidden_states` it raised KeyError), and removing it gives the baseline back."""
+    pipe = tiny_pipeline("z_image")
+    baseline = run_pipe(pipe, "z_image")
+    spec = {"method": "magcache", "mag_ratios": [1.0] * 4, "num_inference_steps": 4, "threshold": 0.5}
+    with da.accelerated(pipe, spec):
+        assert torch.isfinite(run_pipe(pipe, "z_image")).all()
+        stats = da.stats(pipe)
+    assert stats["blocks_run"] < stats["blocks_total"]
+    assert torch.equal(run_pipe(pipe, "z_image"), baseline)
+
+
 def test_z_image_adapter():
     pipe = tiny_pipeline("z_image")
     adapter = find_adapter(pipe)
