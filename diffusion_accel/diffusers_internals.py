@@ -178,16 +178,30 @@ def block_argument(metadata: Any, name: str, args: tuple, kwargs: dict) -> Any:
 
 
 def register_block_class(block_class: type, hidden_index: int, encoder_index: int | None,
-                         encoder_argument: str = "encoder_hidden_states") -> None:
+                         encoder_argument: str = "encoder_hidden_states",
+                         hidden_argument: str = "hidden_states") -> None:
     """Tell ``TransformerBlockRegistry`` where ``block_class`` returns its streams, unless Diffusers already does.
 
     ``encoder_argument``: the ``forward`` argument holding the second stream's input, when it is not
-    ``encoder_hidden_states`` (LTX-2's blocks carry the audio tokens as ``audio_hidden_states``)."""
+    ``encoder_hidden_states`` (LTX-2's blocks carry the audio tokens as ``audio_hidden_states``).
+    ``hidden_argument``: the ``forward`` argument holding the hidden states, when it is not ``hidden_states``
+    (Z-Image's blocks take ``x``). Diffusers' own entry is replaced only when it names an argument the block's
+    ``forward`` does not have (Diffusers 0.42.1 registers Z-Image's block with ``hidden_states``, so every block
+    cache fails on it); a correct entry of a later release is left alone."""
+    import inspect
+
     TransformerBlockRegistry._register()  # Diffusers fills its own entries lazily: before we look
-    if block_class not in TransformerBlockRegistry._registry:
-        TransformerBlockRegistry.register(block_class, TransformerBlockMetadata(
-            return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index,
-            encoder_hidden_states_argument_name=encoder_argument))
+    current = TransformerBlockRegistry._registry.get(block_class)
+    if current is not None:
+        parameters = inspect.signature(block_class.forward).parameters
+        names = [current.hidden_states_argument_name]
+        if current.return_encoder_hidden_states_index is not None:
+            names.append(current.encoder_hidden_states_argument_name)
+        if all(name in parameters for name in names):
+            return
+    TransformerBlockRegistry.register(block_class, TransformerBlockMetadata(
+        return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=encoder_index,
+        hidden_states_argument_name=hidden_argument, encoder_hidden_states_argument_name=encoder_argument))
 
 
 # ---------------------------------------------------------------------------------------------- model attributes

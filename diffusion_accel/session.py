@@ -33,6 +33,7 @@ from diffusers.hooks import ModelHook
 
 from . import compile as _compile
 from . import diffusers_internals as internals
+from .batching import DenoiserIO
 from .call_stats import CallStats, tensor_footprint
 from .config import MethodConfig
 from .context import StepContext, TimestepResolver
@@ -44,6 +45,10 @@ from .pipelines.contract import fill_contract_defaults
 SESSION_ATTR = "_diffusion_accel_session"
 _CONTEXT_HOOK = "diffusion_accel.context"
 _BLOCK_COUNTER_HOOK = "diffusion_accel.block_counter"
+_IO_HOOK = "diffusion_accel.denoiser_io"
+#: Cache-context names under which pipelines run their CFG branches, one per pass or batched together
+#: (``cache_context("cond_uncond")``); any other name is a pass of its own (see ``AccelSession._rows``).
+_CFG_CONTEXTS = ("cond", "uncond", "cond_uncond")
 
 #: The session whose pipeline call is running in this thread / task (``None`` outside patched calls).
 _ACTIVE_SESSION: contextvars.ContextVar[AccelSession | None] = contextvars.ContextVar(
@@ -163,6 +168,19 @@ class DenoiserContextHook(ModelHook):
                                         internals.current_cache_context(self.state_manager))
 
 
+class DenoiserIOHook(ModelHook):
+    """Innermost hook on the denoiser: gives the forward its own conventions back (per-sample lists, the output's
+    sign) after the methods' hooks, which see batched tensors of the prediction (:class:`DenoiserIO`)."""
+
+    def __init__(self, io: DenoiserIO) -> None:
+        super().__init__()
+        self.io = io
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self.io.to_denoiser(args, kwargs)
+        return self.io.output_to_methods(self.fn_ref.original_forward(*args, **kwargs))
+
+
 class BlockCounterHook(ModelHook):
     """Innermost hook on every transformer block: counts blocks that actually ran."""
 
@@ -209,7 +227,8 @@ class AccelSession:
         self.methods: list[Method] = [config.build() for config in configs]
         self.context = StepContext()
         # One resolver per pipeline call: every expert's forwards count in the same schedule and stages
-        self.resolver = owner.resolver if owner is not None else TimestepResolver(adapter.timestep_scale)
+        self.resolver = owner.resolver if owner is not None else TimestepResolver(adapter.timestep_scale,
+                                                                                  adapter.timestep_offset)
         self.expert_sessions: list[AccelSession] = [] if owner is not None else [
             AccelSession(pipe, adapter, configs, expert=name, owner=self) for name in adapter.experts]
         self.stats = CallStats(methods=[m.name for m in self.methods])
@@ -221,6 +240,9 @@ class AccelSession:
         self._original_class: type | None = None
         self._snapshot: dict[int, tuple[bool, bool]] = {}
         self._timestep_position: int | None = None
+        params = list(inspect.signature(type(self.denoiser).forward).parameters)[1:]
+        #: The denoiser's call as methods see it (batched tensors of the prediction), built from the adapter.
+        self.io = DenoiserIO(params, adapter.per_sample_lists, adapter.output_sign)
         self._set_diffusers_context = any(m.uses_diffusers_cache_context for m in self.methods)
         self._gated: set[int] = set()
         self._owners: dict[int, str] = {}  # hook fn_ref id -> the method that registered it ("session": ours)
@@ -348,6 +370,8 @@ class AccelSession:
             self._undo.append(lambda: internals.drop_repeated_blocks(denoiser))
         for index, block in enumerate(self.blocks):
             self.register_hook(block, BlockCounterHook(self, index), _BLOCK_COUNTER_HOOK)
+        if not self.io.identity:  # registered before the methods' hooks, so it sits below them
+            self.register_hook(self.denoiser, DenoiserIOHook(self.io), _IO_HOOK)
         for method in sorted(self.methods, key=lambda m: -m.priority):
             self._attach_method(method)
         self.register_hook(self.denoiser, DenoiserContextHook(self), _CONTEXT_HOOK)
@@ -409,7 +433,7 @@ class AccelSession:
     def _keep_hooks_eager(self) -> None:
         """Our hook code runs eagerly under a whole-model ``torch.compile`` (see :mod:`diffusion_accel.compile`)."""
         names = {__name__, "diffusion_accel.call_stats", "diffusion_accel.context", "diffusion_accel.blocks",
-                 "diffusion_accel.row_store"}
+                 "diffusion_accel.row_store", "diffusion_accel.batching"}
         names.update(type(method).__module__ for method in self.methods)
         for name in sorted(names):
             _compile.mark_eager(name)
@@ -539,23 +563,32 @@ class AccelSession:
 
     # ------------------------------------------------------------------ denoiser forwards
     def _timestep_argument(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
+        name = self.adapter.timestep_argument
+        if name in kwargs:
+            return kwargs[name]
         if self._timestep_position is None:
             params = list(inspect.signature(type(module).forward).parameters)[1:]
-            self._timestep_position = params.index("timestep") if "timestep" in params else -1
+            self._timestep_position = params.index(name) if name in params else -1
         if 0 <= self._timestep_position < len(args):
             return args[self._timestep_position]
         return None
 
     def _rows(self, batch: int, branch_name: str | None) -> tuple[str, list[tuple[str, int]]]:
         mode = self.context.cfg_mode
-        if mode == "batched" and batch % 2 == 0:
+        # A pass in a cache context of its own (LTX-2's spatio-temporal and modality-isolation guidance, a guider's
+        # "pred_cond"/"pred_uncond") computes something else than the CFG branches: its rows are keyed by its name,
+        # so that per-row caches never hand one pass's state to another.
+        own_pass = branch_name is not None and branch_name not in _CFG_CONTEXTS
+        # A batched-CFG pipeline can also run cond-only forwards of just its samples within the call (Z-Image past
+        # cfg_truncation): a batch the size of the samples already seen is one of those.
+        cond_only = 0 < self.context.num_samples == batch
+        if mode == "batched" and batch % 2 == 0 and not cond_only and not own_pass:
             half = batch // 2
             first, second = ("uncond", "cond") if self.adapter.uncond_first else ("cond", "uncond")
             return "batched", [(first, i) for i in range(half)] + [(second, i) for i in range(half)]
         branch = branch_name if branch_name in ("cond", "uncond") else "cond"
-        return branch, [(branch, i) for i in range(batch)]
+        key = branch_name if own_pass else branch
+        return branch, [(key, i) for i in range(batch)]
 
     def run_forward(self, forward: Callable[..., Any], module: torch.nn.Module, args: tuple, kwargs: dict,
                     diffusers_context: internals.CacheContext | None) -> Any:
@@ -572,6 +605,7 @@ class AccelSession:
         if diffusers_context is not None and diffusers_context.step_index is not None:
             step = int(diffusers_context.step_index)
             num_steps = int(diffusers_context.num_inference_steps or num_steps)
+        args, kwargs = self.io.to_methods(args, kwargs)
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else 0
         ctx.step_index, ctx.num_steps, ctx.timestep = step, num_steps, timestep
@@ -590,7 +624,7 @@ class AccelSession:
             self._check_finite(output)
             if step < 3:  # caches reach their size on the first full steps; walking them every step costs time
                 self._note_cache_memory()
-            return output
+            return self.io.output_to_pipeline(output)
         finally:
             if set_context:
                 internals.set_cache_context(module, None)

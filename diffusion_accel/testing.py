@@ -14,18 +14,24 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "router_spec", "run_pipe",
-           "tiny_call_kwargs", "tiny_pipeline"]
+__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "pipe_outputs",
+           "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
 
 
-def run_pipe(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:
-    """Call a tiny pipeline with fixed seed and small sizes; return its output as one float tensor."""
+def pipe_outputs(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
+    """Call a tiny pipeline with fixed seed and small sizes; return every output it gives (``images`` or ``frames``,
+    and LTX-2's ``audio``) as float tensors by field name."""
     kwargs = {**tiny_call_kwargs(family), **overrides}
     if "pixart" in family:
         kwargs.setdefault("clean_caption", False)
     out = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    result = out.images if hasattr(out, "images") else out.frames
-    return torch.as_tensor(result).float()
+    return {name: torch.as_tensor(value).float() for name, value in out.items() if value is not None}
+
+
+def run_pipe(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:
+    """Call a tiny pipeline with fixed seed and small sizes; return its image or video output as one float tensor."""
+    outputs = pipe_outputs(pipe, family, seed, **overrides)
+    return outputs["images"] if "images" in outputs else outputs["frames"]
 
 
 def fingerprint(pipe: Any) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""``diffusion-accel eval``: argparse wiring for :mod:`.runner` (``add_eval_parser`` + ``run_from_args``)."""
+"""``diffusion-accel eval`` and ``python -m diffusion_accel.eval``: argparse wiring for :mod:`.runner`
+(``add_eval_parser`` + ``run_from_args``, and :func:`main` for the module entry point). The runner is imported when a
+command runs, so that ``diffusion-accel --help`` does not load it; the runner never imports this module."""
 
 from __future__ import annotations
 
@@ -80,3 +82,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     if payload is not None:
         print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_accel.eval`` / ``accelerate launch -m diffusion_accel.eval`` (sharded)."""
+    from . import runner
+
+    parser = argparse.ArgumentParser(prog="diffusion_accel.eval", description=runner.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(parser)
+    return run_from_args(parser.parse_args(argv))

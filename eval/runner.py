@@ -9,11 +9,14 @@ Layout of ``out``::
 
 A restart skips every item already on disk, so an interrupted run continues where it stopped; item ``i`` always uses
 prompt ``prompts[i % len(prompts)]`` and seed ``seed + i`` (one ``torch.Generator`` per item), so outputs do not depend
-on batching or sharding. Sharding: ``accelerate launch -m diffusion_accel.eval.runner …`` splits the missing items
+on batching or sharding. Sharding: ``accelerate launch -m diffusion_accel.eval …`` splits the missing items
 between processes with :func:`diffusion_accel.distributed.shard`, gathers the per-process generation stats on the
 main process, which then computes the metrics from the files. On a CPU-only machine start the processes with
-``accelerate launch --multi_gpu --num_processes 2 -m diffusion_accel.eval.runner …`` (or ``torchrun
+``accelerate launch --multi_gpu --num_processes 2 -m diffusion_accel.eval …`` (or ``torchrun
 --nproc_per_node 2 -m …``); they use the gloo backend. ``accelerate launch --cpu`` starts a single process.
+
+This module is the library: the command line (``diffusion-accel eval``, ``python -m diffusion_accel.eval``) is
+:mod:`diffusion_accel.eval.cli`, which imports it, never the other way round.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -364,19 +366,3 @@ def run_eval(config: EvalConfig, pipeline_factory: PipelineFactory | None = None
     if not state.is_main_process:
         return None
     return write_reports(config, compute_metrics(config), generation)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m diffusion_accel.eval.runner`` / ``accelerate launch -m diffusion_accel.eval.runner``."""
-    import argparse
-
-    from .cli import configure_parser, run_from_args
-
-    parser = argparse.ArgumentParser(prog="diffusion_accel.eval.runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure_parser(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

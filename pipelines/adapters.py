@@ -43,7 +43,21 @@ class ModelAdapter:
         guidance_distilled: the model embeds the guidance scale and by default runs no unconditional pass.
         prediction: what the denoiser predicts (``"epsilon"``, ``"v_prediction"``, ``"flow"`` velocity).
         learned_sigma: the denoiser output has twice the latent channels (DiT, PixArt); the first half is used.
-        timestep_scale: the pipeline passes ``timestep / timestep_scale`` to the denoiser (Flux: 1000).
+        timestep_scale, timestep_offset: the scheduler timestep of a step is ``timestep_offset + timestep_scale ×``
+            the denoiser's timestep argument (Flux passes ``timestep / 1000``: scale 1000; Z-Image passes
+            ``(1000 - timestep) / 1000``: offset 1000, scale -1000). The session derives the step from it.
+        timestep_argument: the name of the denoiser ``forward`` parameter holding the timestep (``"timestep"``;
+            Z-Image's is ``t``). Passed by keyword or by position: the position is read off ``forward``.
+        output_sign: the denoiser returns ``output_sign ×`` the ``prediction`` (``-1``: Z-Image returns the negated
+            velocity, which its pipeline negates back). Methods see the prediction itself: the session multiplies
+            the output by the sign before them and again after them.
+        per_sample_lists: ``forward`` parameters that take a Python list with one tensor per batch row instead of
+            a batched tensor (Z-Image: the latents ``x`` and the captions ``cap_feats``); the first is the latent,
+            and the output is then a per-sample list too. Methods see the latent and the output stacked into one
+            batched tensor and the other lists as :class:`diffusion_accel.batching.SampleList` (row slicing picks
+            list items); the denoiser gets its lists back.
+        cfg_scale_threshold: CFG runs when the ``cfg_scale_arg`` value exceeds this (1 for ``u + s·(c − u)``; 0 for
+            Z-Image's ``c + s·(c − u)``).
         latent_layout: ``image`` ``[B,C,H,W]``, ``packed_image`` ``[B,L,C·p²]``, ``video`` ``[B,C,F,H,W]`` or
             ``packed_video`` ``[B,L,C]``.
         unsupported_methods: method name -> why that method cannot run on this family (an upstream bug, a layout the
@@ -68,10 +82,20 @@ class ModelAdapter:
     prediction: Prediction = "epsilon"
     learned_sigma: bool = False
     timestep_scale: float = 1.0
+    timestep_offset: float = 0.0
+    timestep_argument: str = "timestep"
+    output_sign: float = 1.0
+    per_sample_lists: tuple[str, ...] = ()
+    cfg_scale_threshold: float = 1.0
     latent_layout: LatentLayout = "image"
     unsupported_methods: Mapping[str, str] = field(default_factory=dict)
     repeated_blocks: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.output_sign not in (1.0, -1.0):
+            # ±1 keeps the round trip exact: negating twice gives the pipeline back the denoiser's own bits
+            raise ValueError(f"ModelAdapter {self.family!r}: output_sign must be 1 or -1, got {self.output_sign}.")
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -128,7 +152,7 @@ class ModelAdapter:
         if self.cfg_layout == "none":
             return "none"
         scale = call_args.get(self.cfg_scale_arg)
-        if scale is None or float(scale) <= 1.0:
+        if scale is None or float(scale) <= self.cfg_scale_threshold:
             return "none"
         if self.cfg_needs_negative_prompt and call_args.get("negative_prompt") is None and (
             call_args.get("negative_prompt_embeds") is None
@@ -160,16 +184,10 @@ _INVERTED_SIGMAS = ("the scheduler runs inverted sigmas (invert_sigmas=True), so
                     "x_t = (1-σ)·x0 + σ·noise this method converts predictions and re-noises with")
 
 _GUIDER_PASSES = ("the pipeline's guider names its CFG passes 'pred_cond'/'pred_uncond' and takes its scale from the "
-                  "guider component, while sessions read CFG from call arguments and 'cond'/'uncond' passes, so this "
-                  "method would key both passes as one (Diffusers' own caches read the names and do apply)")
+                  "guider component, while guidance methods read CFG from call arguments and skip the 'uncond' pass, "
+                  "so this method would find no unconditional pass to drop (per-row caches key the guider's passes "
+                  "by their names and do apply)")
 
-# LTX-2 (LTX2Pipeline with its default stg_scale=1 and modality_scale=3): besides the batched CFG pass, every step runs
-# cond-only guidance passes in cache_context("uncond_stg") and ("uncond_modality").
-_LTX2_EXTRA_PASSES = ("besides the batched CFG pass, the pipeline runs a spatio-temporal-guidance pass and a "
-                      "modality-isolation pass per step (cache contexts 'uncond_stg'/'uncond_modality', on by "
-                      "default), which sessions key as the 'cond' branch, so this method would reuse one pass's "
-                      "cached block deviations for another (Diffusers' own caches key their state by the context "
-                      "name and do apply)")
 _LTX2_TWO_OUTPUTS = ("the transformer returns a video and an audio prediction and the pipeline guides both from the "
                      "batched pass, while guidance methods drop and re-fill rows of the first output only (and "
                      "slicing the batch breaks LTX-2's rotary embeddings: RuntimeError in apply_split_rotary_emb)")
@@ -309,8 +327,8 @@ def _adapter_list() -> list[ModelAdapter]:
             family="hunyuan_video15", pipeline_classes=("HunyuanVideo15Pipeline",), cfg_layout="separate",
             prediction="flow", latent_layout="video",
             unsupported_methods={
-                "delta_cache": _GUIDER_PASSES, "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
-                "cfg_cutoff": _GUIDER_PASSES, "harmonica": _GUIDER_PASSES, "l2c": _GUIDER_PASSES,
+                "adaptive_guidance": _GUIDER_PASSES, "linear_ag": _GUIDER_PASSES,
+                "cfg_cutoff": _GUIDER_PASSES,
                 "sparse_attention": "its attention processor always passes a text-padding mask, which sends every "
                                     "call to dense attention, so the method would do nothing",
             },
@@ -335,7 +353,6 @@ def _adapter_list() -> list[ModelAdapter]:
             # (both returned); methods hook those blocks, with the audio as the second stream.
             family="ltx2", pipeline_classes=("LTX2Pipeline",), prediction="flow", latent_layout="packed_video",
             unsupported_methods={
-                "delta_cache": _LTX2_EXTRA_PASSES, "harmonica": _LTX2_EXTRA_PASSES, "l2c": _LTX2_EXTRA_PASSES,
                 "pab": _LTX2_PAB,
                 "adaptive_guidance": _LTX2_TWO_OUTPUTS, "linear_ag": _LTX2_TWO_OUTPUTS, "cfg_cutoff": _LTX2_TWO_OUTPUTS,
                 "fbcache": "Diffusers 0.42.1's FirstBlockCache reads a block's second stream from its "
@@ -353,6 +370,33 @@ def _adapter_list() -> list[ModelAdapter]:
             extra={"resolution_multiple": 32, "self_attention": ("attn1",)},  # 32: LTX2Pipeline.check_inputs
         ),
         ModelAdapter(
+            # ZImagePipeline.__call__: batched CFG on latents.repeat(2) with the prompt first, whenever
+            # guidance_scale > 0 (its guidance is c + s·(c − u)), and cond-only steps past cfg_truncation. The
+            # transformer takes per-sample lists (latents [C, 1, H, W], captions of their own lengths) and the
+            # timestep as `t` = (1000 − timestep) / 1000, and returns a per-sample list of the negated flow velocity
+            # (the pipeline negates it). Its main blocks (`layers`) run on [image, text] tokens; the refiners before
+            # them see the image or the text alone.
+            # ZImageImg2ImgPipeline runs the same loop; the inpainting pipeline is left out: bottleneck's low-resolution
+            # stages do not resize its full-resolution mask (RuntimeError), and an adapter cannot refuse per class.
+            # TaylorSeer is not refused: its default identifiers (`attn*`) miss the `attention` modules, its error says
+            # so, and with cache_identifiers=[r"^layers\.\d+\.attention$"] it runs (tests/engine/test_families.py).
+            family="z_image", pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline"), block_lists=("layers",),
+            cfg_scale_threshold=0.0, uncond_first=False, prediction="flow", timestep_argument="t",
+            timestep_scale=-1000.0, timestep_offset=1000.0, output_sign=-1.0, per_sample_lists=("x", "cap_feats"),
+            repeated_blocks=("ZImageTransformerBlock",),
+            unsupported_methods={
+                "fbcache": "Diffusers 0.42.1's FirstBlockCache reads every block's input by the literal name "
+                           "hidden_states, not the registry's argument name, and Z-Image's blocks take it as x "
+                           "(KeyError in _get_parameter_from_args_kwargs); magcache reads the registry and applies",
+                "sparse_attention": "the method finds the image-token grid from a [B, C, H, W] latent and the "
+                                    "transformer's config.patch_size, while Z-Image's latents come as [C, 1, H, W] per "
+                                    "sample and its patch size is config.all_patch_size, so no grid is found and "
+                                    "every attention call would stay dense: the method would do nothing",
+            },
+            extra={"self_attention": ("attention",), "joint_text": "suffix",
+                   "resolution_multiple": 16},  # 16: ZImagePipeline checks height % (vae_scale_factor · 2)
+        ),
+        ModelAdapter(
             family="sd", denoiser="unet", block_lists=(),
             pipeline_classes=("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                               "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
@@ -367,17 +411,18 @@ def _register_block_classes() -> None:
 
     from ..diffusers_internals import register_block_class
 
-    for module, name, hidden_index, encoder_index, *encoder_argument in _UNREGISTERED_BLOCKS:
+    for module, name, hidden_index, encoder_index, *arguments in _UNREGISTERED_BLOCKS:
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # an older Diffusers without this family
             continue
-        register_block_class(cls, hidden_index, encoder_index, *encoder_argument)
+        register_block_class(cls, hidden_index, encoder_index, *arguments)
 
 
 #: (module, class, index of hidden_states in its return, index of encoder_hidden_states or None when it returns
-#: hidden_states alone[, the forward argument of that second stream when it is not encoder_hidden_states]) of block
-#: classes Diffusers 0.42.1's TransformerBlockRegistry lacks, read off each forward.
+#: hidden_states alone[, the forward argument of that second stream when it is not encoder_hidden_states[, the
+#: forward argument of the hidden states when it is not hidden_states]]) of block classes Diffusers 0.42.1's
+#: TransformerBlockRegistry lacks or registers with argument names their forward does not have, read off each forward.
 _UNREGISTERED_BLOCKS: tuple[tuple[Any, ...], ...] = (
     ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", 0, None),
     ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15TransformerBlock", 0, 1),
@@ -385,6 +430,9 @@ _UNREGISTERED_BLOCKS: tuple[tuple[Any, ...], ...] = (
     ("diffusers.models.transformers.transformer_ovis_image", "OvisImageSingleTransformerBlock", 1, 0),
     # LTX-2: each block updates the video and the audio tokens and returns both; the text is a cross-attention input.
     ("diffusers.models.transformers.transformer_ltx2", "LTX2VideoTransformerBlock", 0, 1, "audio_hidden_states"),
+    # Z-Image: Diffusers registers it with `hidden_states`, but its forward takes the token sequence as `x`.
+    ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", 0, None, "encoder_hidden_states",
+     "x"),
 )
 
 _register_block_classes()

@@ -559,6 +559,35 @@ def _ltx2(seed: int):
                         transformer=transformer.eval(), vocoder=vocoder.eval())
 
 
+def _z_image(seed: int):
+    """Z-Image: a single-stream transformer over [image, text] tokens that takes and returns per-sample lists, with a
+    Qwen3 text encoder (its second-to-last hidden state) and Flux's 16-channel-style VAE (here 4 latent channels)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    # head dim 32 / 2 heads = 16 = sum(axes_dims), as the transformer asserts
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+        norm_num_groups=8, shift_factor=0.1159, scaling_factor=0.3611,
+    )
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer.eval())
+
+
 def _sd(seed: int):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -596,6 +625,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "hunyuan_video15": _hunyuan_video15,
     "ovis_image": _ovis_image,
     "ltx2": _ltx2,
+    "z_image": _z_image,
 }
 
 #: Every family a tiny pipeline can be built for.
@@ -642,6 +672,9 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
              "guidance_scale": 4.0, "spatio_temporal_guidance_blocks": [1], "max_sequence_length": 16},
     "qwen_image": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
                    "negative_prompt": "blurry", "max_sequence_length": 16},
+    # ZImagePipeline runs CFG whenever guidance_scale > 0 (its formula is pos + w·(pos − neg)).
+    "z_image": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0,
+                "max_sequence_length": 16},
 }
 
 

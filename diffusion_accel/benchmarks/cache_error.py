@@ -87,7 +87,7 @@ class StepErrorRecorder:
         if self.space == "native":
             return pred
         x_t = denoiser_sample_input(args, kwargs)
-        t = self._timestep(args, kwargs) * self.adapter.timestep_scale
+        t = self.adapter.timestep_offset + self._timestep(args, kwargs) * self.adapter.timestep_scale
         return convert_prediction(pred, x_t, self.adapter.prediction, self.space, scheduler=self.scheduler,
                                   timestep=t, sigma=None)
 

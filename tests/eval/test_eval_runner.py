@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,9 +138,17 @@ def test_cli_parser_builds_the_config(tmp_path):
         EvalConfig(out="x", metrics=["fidd"])
 
 
+def test_runner_does_not_import_the_command_line():
+    """The library never imports the CLI: the eval CLI imports the runner, not the reverse."""
+    code = ("import sys, diffusion_accel.eval.runner; "
+            "print(sorted(m for m in sys.modules if m in ('diffusion_accel.eval.cli', 'diffusion_accel.cli')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
+
+
 def test_module_entry_point_with_dit_labels(tmp_path, capsys):
-    """``python -m diffusion_accel.eval.runner`` (its ``main``, in-process) on the tiny DiT (class-label prompts)."""
-    from diffusion_accel.eval.runner import main
+    """``python -m diffusion_accel.eval`` (its ``main``, in-process) on the tiny DiT (class-label prompts)."""
+    from diffusion_accel.eval.cli import main
 
     prompts = tmp_path / "labels.txt"
     prompts.write_text("1\n3\n")
@@ -154,8 +163,10 @@ def test_module_entry_point_with_dit_labels(tmp_path, capsys):
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "sharded"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_accel.eval.runner",
+    # the launcher of this interpreter: a bare `accelerate` on PATH may belong to another install of the package
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "diffusion_accel.eval",
                     "--pipeline", "tiny:pixart_alpha", "--num-images", "5", "--metrics", "psnr", "--out", str(out),
                     "--no-progress", "--call", "clean_caption=false"], check=True, env=env, timeout=600)
     generation = json.loads((out / "results.json").read_text())["generation"]
