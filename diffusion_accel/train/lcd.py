@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from .data import BatchStream
+from .image_folder import ImageFolder, ImageFolderOptions, load_image_folder
 from .options import TrainOptions
 from .recipe import Recipe
+from .run_folder import RUN_FILE
 from .teachers import TeacherFamily, teacher_family
 
 SIGMA_DATA = 0.5
@@ -42,7 +44,7 @@ TIMESTEP_SCALING = 10.0
 
 
 @dataclass
-class LCDOptions(TrainOptions):
+class LCDOptions(ImageFolderOptions):
     """Latent consistency distillation of a CFG teacher into a few-step student without CFG."""
 
     learning_rate: float = 5e-5
@@ -206,14 +208,43 @@ class LCD(Recipe):
         self.resolution = opts.resolution or self.teacher_contract.get("height")
         if self.resolution is None:
             raise ValueError("the teacher's sampler contract names no image size; pass --resolution.")
+        # scanned again (validate() did it) because the folder is read here for the run record and setup
+        self.image_folder: ImageFolder | None = opts.image_folder() if opts.train_data_dir else None
+        if opts.resume_from_checkpoint is not None:
+            self._check_same_data()
+
+    def _check_same_data(self) -> None:
+        """A resumed run must see the data its checkpoint was trained on: the stream indexes the pre-encoded
+        samples by number, so other images (or another crop, flip or subset) would silently change what every
+        index means."""
+        opts: LCDOptions = self.options  # type: ignore[assignment]
+        run_file = Path(opts.output_dir) / RUN_FILE
+        previous = json.loads(run_file.read_text()).get("data") if run_file.is_file() else None
+        if previous is None:
+            return  # a run recorded before the data record existed
+        current = opts.data_record(self.image_folder)
+        moved = ("train_data_dir",)  # the same files in a moved folder are the same data
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in moved and previous.get(k) != current.get(k))
+        if changed:
+            raise ValueError(f"--resume_from_checkpoint: this run was trained on other data ({', '.join(changed)} "
+                             f"differ from {run_file}); resume with the same data and data flags, or start a new "
+                             "run in another --output_dir.")
 
     def run_record(self) -> dict[str, Any]:
-        return {"teacher": self.options.pretrained_teacher_model, "teacher_class": type(self.pipe).__name__,
-                "guidance_scale": self.guidance}
+        opts: LCDOptions = self.options  # type: ignore[assignment]
+        return {"teacher": opts.pretrained_teacher_model, "teacher_class": type(self.pipe).__name__,
+                "guidance_scale": self.guidance, "data": opts.data_record(self.image_folder)}
 
     # -- data and models ---------------------------------------------------------------------------------------
     def training_data(self) -> tuple[np.ndarray, list[str]]:
-        return shapes_training_data(self.options, self.resolution)
+        """Images at ``self.resolution`` and captions: ``--train_data_dir`` when given, else the shapes set."""
+        opts: LCDOptions = self.options  # type: ignore[assignment]
+        if self.image_folder is None:
+            return shapes_training_data(opts, self.resolution)
+        return load_image_folder(self.image_folder, self.resolution, center_crop=opts.center_crop,
+                                 random_flip=opts.random_flip, max_train_samples=opts.max_train_samples,
+                                 seed=opts.seed)
 
     def setup(self, stream_factory) -> torch.nn.Module:
         opts: LCDOptions = self.options  # type: ignore[assignment]
@@ -328,9 +359,15 @@ class LCD(Recipe):
         return pipe
 
     def validation_prompts(self) -> list[str]:
+        """Held-out shapes prompts; with ``--train_data_dir``, the folder's first distinct captions (the only
+        prompts known to describe that data; they are training captions, so the grid shows fit, not
+        generalisation)."""
+        count = self.options.num_validation_prompts
+        if self.image_folder is not None:
+            return list(dict.fromkeys(self.captions))[:count]
         from ..pipelines.testbed.shapes import heldout_prompts
 
-        return list(heldout_prompts())[: self.options.num_validation_prompts]
+        return list(heldout_prompts())[:count]
 
     @torch.no_grad()
     def validation_images(self, model):

@@ -53,7 +53,8 @@ class TrainOptions:
                                                                   "(0: only at the end)"})
     report_to: str = field(default="none", metadata={"choices": TRACKERS})
     logging_dir: str = "logs"
-    num_train_samples: int = field(default=4096, metadata={"help": "training images (pre-encoded once)"})
+    num_train_samples: int = field(default=4096, metadata={"help": "shapes-set training images, pre-encoded "
+                                                                  "once (your folder: --max_train_samples)"})
     dataloader_seed_offset: int = field(default=200_000, metadata={
         "help": "testbed data: index of the first training image (the teacher saw indices below this)"})
     overwrite_output_dir: bool = field(default=False, metadata={

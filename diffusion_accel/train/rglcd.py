@@ -52,6 +52,38 @@ class RGLCD(LCD):
     summary = "reward-guided LCD: LCD plus a shapes-classifier reward (direct or through a latent proxy)"
     options_class = RGLCDOptions
 
+    def check(self) -> None:
+        super().check()
+        if self.image_folder is not None:
+            self._check_reward_captions()
+
+    def _check_reward_captions(self) -> None:
+        """The expert reward scores an image against its caption read in the shapes grammar, so a folder for
+        RG-LCD must be captioned in it; a mirror image would contradict a caption that names left or right."""
+        from ..pipelines.testbed.shapes import parse_caption
+
+        opts: RGLCDOptions = self.options  # type: ignore[assignment]
+        unparsed, sided = [], []
+        for row in self.image_folder.rows:
+            for caption in row.captions:
+                try:
+                    objects = parse_caption(caption)
+                except ValueError:
+                    unparsed.append(f"{row.where}: {caption!r}")
+                    continue
+                if any(o.position is not None and o.position % 3 != 1 for o in objects):
+                    sided.append(f"{row.where}: {caption!r}")
+        if unparsed:
+            shown = "; ".join(unparsed[:3]) + (f"; ... and {len(unparsed) - 3} more" if len(unparsed) > 3 else "")
+            raise ValueError(f"rglcd's reward (the shapes classifier) reads captions in the shapes grammar, e.g. "
+                             f"'a small red circle in the top left and a blue square'; {len(unparsed)} caption(s) "
+                             f"of --train_data_dir are not ({shown}). Train `lcd` on this folder instead, or "
+                             "caption its images in that grammar.")
+        if opts.random_flip and sided:
+            raise ValueError(f"--random_flip mirrors images whose captions name a left or right position "
+                             f"({len(sided)} of them, e.g. {sided[0]}), so the reward would score the mirror "
+                             "image against the wrong side; drop --random_flip.")
+
     def setup(self, stream_factory):
         from ..pipelines.testbed.shapes_net import load_shapes_net
 
