@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--harmonica-router", default=None, help="default: the pipeline's shipped one")
     parser.add_argument("--l2c-router", default=None, help="default: the pipeline's shipped one")
     parser.add_argument("--peers", default=None, help="comma list of peer specs (default: PEERS[pipeline])")
+    parser.add_argument("--also", default=None, help="more method specs for the same run (comma list)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="skip the speed-tier overhead run")
     parser.add_argument("--out", default=None, help="default: docs/results/learned_cache_<testbed>")
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = ["baseline", f"harmonica:router={h_router}:target_macs_ratio={target}"]
     specs += [f"harmonica:router={h_router}:target_macs_ratio={t}" for t in args.extra_targets.split(",") if t]
     specs.append(f"l2c:router={l_router}:target_macs_ratio={target}")
+    specs += args.also.split(",") if args.also else []
     specs += args.peers.split(",") if args.peers else PEERS[args.pipeline]
     report = run_bench(args.pipeline, ",".join(specs), num_prompts=args.prompts, repeats=args.repeats,
                        out_dir=out, json_path=out / "bench.json", batch_size=32, pareto_x="macs_ratio")

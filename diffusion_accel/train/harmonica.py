@@ -85,6 +85,9 @@ class HarmoniCaOptions(RouterOptions):
                                                                    "trajectories"})
     num_lambda_prompts: int = field(default=8, metadata={"help": "probe prompts the IEPO weights are measured on"})
     no_iepo: bool = field(default=False, metadata={"help": "λ ≡ 1 (SDT with L2C's per-step loss: the ablation)"})
+    full_every_other_step: bool = field(default=False, metadata={
+        "help": "pin every even step to full compute (L2C's alternation: a reused output is never more than one "
+                "step old); SDT + IEPO then route the odd steps"})
 
     def validate(self) -> None:
         super().validate()
@@ -316,6 +319,8 @@ class HarmoniCa(RouterRecipe):
         self.probe = (self.caption_rows[probe], self.noise(len(probe), opts.seed + 7919))
         trainable = torch.ones(self.steps, len(self.units), dtype=torch.bool)
         trainable[0] = False
+        if opts.full_every_other_step:
+            trainable[0::2] = False
         return self.initial_router(trainable)
 
     def checkpoint_objects(self) -> list[Any]:

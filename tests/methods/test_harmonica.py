@@ -165,3 +165,21 @@ def test_flux_blocks_route_both_streams(tmp_path):
         assert da.stats(flux)["harmonica"]["units_reused"] > 0
     assert torch.isfinite(out).all() and not torch.equal(out, baseline)
     assert torch.equal(run_pipe(flux, "flux"), baseline)
+
+
+@pytest.mark.parametrize("method", ["harmonica", "l2c"])
+def test_testbed_ships_its_routers(method):
+    """``testbed:pixart`` carries its trained routers: a plain apply uses them at the τ their trainer stored, and a
+    call at another step count is refused naming the router's."""
+    pipe = da.load_pipeline("testbed:pixart")
+    pipe.set_progress_bar_config(disable=True)
+    assert method in da.list_methods(pipe)
+    router = CacheRouter.load(pipe.config._name_or_path + f"/routers/{method}")
+    with da.accelerated(pipe, method):
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent")
+        stats = da.stats(pipe)[method]
+        with pytest.raises(ValueError, match="trained for 20 sampling steps"):
+            pipe("a red circle", num_inference_steps=10)
+    assert stats["threshold"] == router.config["threshold"]
+    assert stats["units_reused"] == int((~router.decisions(router.config["threshold"])).sum())
+    assert router.config["macs_ratio"] >= 1.6
