@@ -15,9 +15,10 @@ from .recipe import Recipe
 def recipes() -> dict[str, type[Recipe]]:
     """Registered recipes by command-line name."""
     from .lcd import LCD
+    from .resshift import ResShift
     from .rglcd import RGLCD
 
-    return {r.name: r for r in (LCD, RGLCD)}
+    return {r.name: r for r in (LCD, RGLCD, ResShift)}
 
 
 def recipe_class(name: str) -> type[Recipe]:
