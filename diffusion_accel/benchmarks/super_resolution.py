@@ -195,7 +195,8 @@ def table(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
             lo, hi = r["psnr_ci95"]
-            lines.append(f"| {r['row']} | {r['psnr']:.2f} ({lo:.2f}–{hi:.2f}) | {r['ssim']:.4f} | "
+            psnr_cell = "∞ (identical)" if r["psnr"] >= 100 else f"{r['psnr']:.2f} ({lo:.2f}–{hi:.2f})"
+            lines.append(f"| {r['row']} | {psnr_cell} | {r['ssim']:.4f} | "
                          f"{r['fid_shapes']:.1f} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % | "
                          f"{100 * r['position']:.1f} % | {r['passes']} | {r['seconds']:.2f} |")
         for m in block["missing"]:
