@@ -9,7 +9,8 @@ x0 = E(HR), y0 = E(bicubic_up(LR)). Objectives (the same denoiser, same paramete
 * ``resshift`` (the paper's loss, x0-prediction, ``weighted_mse`` off):
   t_idx ~ U{0..T−1}, x_t = x0 + η_t (y0 − x0) + κ √η_t ε, L = ‖f_θ([x_t/√(κ²η_t+1), LR], t_idx) − x0‖²;
 * ``regression``: L = ‖f_θ([y0, LR], 0) − x0‖² (one pass at inference);
-* ``ddpm`` (SR3-style): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, L = ‖f_θ([x_t, LR], t) − ε‖².
+* ``ddpm`` (SR3-style, v-prediction: see :mod:`diffusion_accel.pipelines.resshift.baselines`):
+  x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, L = ‖f_θ([x_t, LR], t) − (√ᾱ_t ε − √(1−ᾱ_t) x0)‖².
 
 The shipped network is an EMA of the weights (the paper validates and releases EMA weights; constant rate, not
 Diffusers' ``EMAModel`` warm-up). Artefact: a :class:`ResShiftPipeline` folder (``resshift``), or ``unet/`` +
@@ -187,7 +188,8 @@ class ResShift(Recipe):
             t = torch.from_numpy(np.minimum((u * n).astype(np.int64), n - 1)).to(device)
             x_t = self.ddpm.add_noise(x0, noise, t)
             pred = model(torch.cat([x_t, lq], 1), t).sample
-            target = noise
+            target = self.ddpm.get_velocity(x0, noise, t) if self.ddpm.config.prediction_type == "v_prediction" \
+                else noise
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         return loss, {"loss": float(loss.detach())}
 
