@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_parser(sub: Any) -> None:
     """The ``train`` sub-command of ``diffusion-accel`` (arguments are parsed by the recipe)."""
-    parser = sub.add_parser("train", help="train a distilled student (recipes: lcd, rglcd)", add_help=False)
+    parser = sub.add_parser("train", help="train a distilled student or a ResShift super-resolution model "
+                                          "(recipes: lcd, rglcd, resshift)", add_help=False)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     parser.set_defaults(func=lambda ns: main(ns.args))
