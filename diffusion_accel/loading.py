@@ -64,6 +64,12 @@ def _supply_repeated_blocks(pipe: Any) -> Any:
     return pipe
 
 
+def _is_own_resshift_folder(path: Path) -> bool:
+    from .pipelines.resshift.pipeline import is_own_resshift_folder
+
+    return is_own_resshift_folder(path)
+
+
 def _load(name_or_path: str | Path, **kwargs: Any) -> Any:
     text = str(name_or_path)
     if text.startswith("tiny:"):
@@ -93,7 +99,7 @@ def _load(name_or_path: str | Path, **kwargs: Any) -> Any:
             f"{text!r} is neither a local folder nor a Hub id (org/name), nor a project name "
             "('tiny:<family>' or 'testbed:<name>')."
         )
-    if path.is_dir() and is_own_contract_folder(path):
+    if path.is_dir() and (is_own_contract_folder(path) or _is_own_resshift_folder(path)):
         kwargs.setdefault("trust_remote_code", True)  # the folder's code is our own loader, checked verbatim
     return DiffusionPipeline.from_pretrained(text, **kwargs)
 

@@ -16,9 +16,10 @@ def recipes() -> dict[str, type[Recipe]]:
     """Registered recipes by command-line name."""
     from .harmonica import L2C, HarmoniCa
     from .lcd import LCD
+    from .resshift import ResShift
     from .rglcd import RGLCD
 
-    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C)}
+    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C, ResShift)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

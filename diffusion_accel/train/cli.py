@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_parser(sub: Any) -> None:
     """The ``train`` sub-command of ``diffusion-accel`` (arguments are parsed by the recipe)."""
-    parser = sub.add_parser("train", help="train a distilled student or a cache router (recipes: lcd, rglcd, "
-                                          "harmonica, l2c)", add_help=False)
+    parser = sub.add_parser("train", help="train a distilled student, a cache router or a super-resolution model "
+                                          "(recipes: lcd, rglcd, harmonica, l2c, resshift)", add_help=False)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     parser.set_defaults(func=lambda ns: main(ns.args))

@@ -8,11 +8,17 @@ from typing import Any
 from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
-__all__ = ["STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name", "default_call_kwargs", "testbed_path"]
+__all__ = ["RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name", "default_call_kwargs",
+           "testbed_path"]
 
 #: Students distilled from a testbed pipeline (``diffusion-accel train``): name → the recipe that made them. Each
 #: folder carries its own sampler contract (scheduler, steps, guidance off).
 STUDENT_NAMES: dict[str, str] = {"pixart-lcm": "lcd", "pixart-rglcd": "rglcd"}
+
+#: Image-restoration pipelines trained on the testbed's images and VAE: name → the preset that trains them
+#: (``diffusion-accel train resshift --config <preset>``). They take a low-resolution image, not a prompt; the
+#: number of steps is the stored scheduler's T.
+RESTORATION_NAMES: dict[str, str] = {"resshift": "resshift-bicubic"}
 
 
 def asset_dir_name(name: str) -> str:
@@ -22,14 +28,20 @@ def asset_dir_name(name: str) -> str:
 
 
 def _check(name: str) -> None:
-    if name not in TESTBED_NAMES and name not in STUDENT_NAMES:
-        raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join((*TESTBED_NAMES, *STUDENT_NAMES))}.")
+    known = (*TESTBED_NAMES, *STUDENT_NAMES, *RESTORATION_NAMES)
+    if name not in known:
+        raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join(known)}.")
 
 
 def testbed_path(name: str) -> Path:
     """Folder of the shipped pipeline ``name`` (``assets/testbed-<name>``); a clear error when it is missing."""
     _check(name)
     path = assets_root() / asset_dir_name(name)
+    if not (path / "model_index.json").exists() and name in RESTORATION_NAMES:
+        raise FileNotFoundError(
+            f"The restoration pipeline {name!r} is not in {path}. Train it with `diffusion-accel train resshift "
+            f"--config {RESTORATION_NAMES[name]} --output_dir runs/sr/{name}` and ship it with `python -m "
+            f"diffusion_accel.pipelines.testbed.students runs/sr/{name} {name}`.")
     if not (path / "model_index.json").exists() and name in STUDENT_NAMES:
         raise FileNotFoundError(
             f"The distilled student {name!r} is not in {path}. Train it with `diffusion-accel train "
@@ -47,6 +59,11 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
     """A copy of the default call arguments of testbed ``name`` (64x64, default steps and guidance): its sampler
     contract, which the shipped checkpoint also carries in ``model_index.json``."""
     _check(name)
+    if name in RESTORATION_NAMES:
+        import json
+
+        config = json.loads((testbed_path(name) / "scheduler" / "scheduler_config.json").read_text())
+        return {"num_inference_steps": int(config["num_train_timesteps"])}
     if name in STUDENT_NAMES:
         import json
 

@@ -1,4 +1,5 @@
-"""Ship a distilled student of a testbed pipeline into ``assets/`` (``testbed:pixart-lcm``, ``testbed:pixart-rglcd``).
+"""Ship a distilled student of a testbed pipeline into ``assets/`` (``testbed:pixart-lcm``, ``testbed:pixart-rglcd``),
+or a restoration pipeline trained in the testbed VAE's latent space (``testbed:resshift``).
 
 A training run's folder holds checkpoints, validation grids and logs besides the pipeline; the shipped folder keeps
 the pipeline only. The student's frozen components (VAE, text encoder, tokenizer) are the teacher's, byte for byte,
@@ -17,12 +18,16 @@ import os
 import shutil
 from pathlib import Path
 
-from .registry import STUDENT_NAMES, asset_dir_name
+from .registry import RESTORATION_NAMES, STUDENT_NAMES, asset_dir_name
 from .shapes_net import assets_root
 
 COPIED = ("model_index.json", "pipeline_with_contract.py", "scheduler", "transformer", "distillation.json",
           "train_metrics.json", "training_run.json")
 SHARED_WITH_TEACHER = ("vae", "text_encoder", "tokenizer")
+#: A ResShift folder: its own denoiser and scheduler; the VAE is the teacher's (its latent space is the one trained in).
+RESTORATION_COPIED = ("model_index.json", "resshift_pipeline.py", "scheduler", "unet", "resshift.json",
+                      "train_metrics.json", "training_run.json")
+RESTORATION_SHARED = ("vae",)
 
 
 def _same_component(a: Path, b: Path) -> bool:
@@ -44,11 +49,13 @@ def _same_component(a: Path, b: Path) -> bool:
 
 def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Path:
     """Copy the pipeline of training run ``run_dir`` to ``assets/testbed-<name>``; returns that folder."""
-    if name not in STUDENT_NAMES:
-        raise ValueError(f"unknown student {name!r}; known: {', '.join(STUDENT_NAMES)}")
+    if name not in STUDENT_NAMES and name not in RESTORATION_NAMES:
+        raise ValueError(f"unknown student {name!r}; known: {', '.join((*STUDENT_NAMES, *RESTORATION_NAMES))}")
+    copied, shared = ((RESTORATION_COPIED, RESTORATION_SHARED) if name in RESTORATION_NAMES
+                      else (COPIED, SHARED_WITH_TEACHER))
     run_dir = Path(run_dir)
     teacher_dir = assets_root() / asset_dir_name(teacher)
-    for component in SHARED_WITH_TEACHER:
+    for component in shared:
         if not _same_component(run_dir / component, teacher_dir / component):
             raise ValueError(f"{run_dir / component} differs from the teacher's {teacher_dir / component}; a "
                              "student whose frozen components changed cannot share them.")
@@ -56,13 +63,13 @@ def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Pat
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for item in COPIED:
+    for item in copied:
         src = run_dir / item
         if src.is_dir():
             shutil.copytree(src, dest / item)
         elif src.exists():
             shutil.copy2(src, dest / item)
-    for component in SHARED_WITH_TEACHER:
+    for component in shared:
         os.symlink(Path("..") / teacher_dir.name / component, dest / component, target_is_directory=True)
     return dest
 
@@ -70,7 +77,7 @@ def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("name", choices=sorted(STUDENT_NAMES))
+    parser.add_argument("name", choices=sorted((*STUDENT_NAMES, *RESTORATION_NAMES)))
     args = parser.parse_args(argv)
     print(ship_student(args.run_dir, args.name))
     return 0

@@ -1,0 +1,64 @@
+"""The shipped ``testbed:resshift`` (assets/testbed-resshift): loads by name and by folder with the scheduler it was
+trained with, shares the testbed VAE, and super-resolves held-out images better than bicubic upsampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def folder():
+    from diffusion_accel.pipelines.testbed import registry
+
+    try:
+        return registry.testbed_path("resshift")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_loads_by_name_and_folder_with_its_training_scheduler(folder):
+    from diffusers import DiffusionPipeline
+    from diffusion_accel.pipelines.resshift import ResShiftPipeline
+    from diffusion_accel.pipelines.testbed.registry import default_call_kwargs
+
+    from diffusion_accel.loading import load_pipeline
+
+    assert (folder / "vae").is_symlink() and (folder / "vae").resolve().name == "vae"
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+               and "vae" not in p.parts) < 3_000_000
+    trained = json.loads((folder / "resshift.json").read_text())["scheduler"]
+    by_name = load_pipeline("testbed:resshift")
+    by_folder = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
+    lr = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    outs = []
+    for pipe in (by_name, by_folder):
+        assert isinstance(pipe, ResShiftPipeline)
+        assert {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")} == \
+            {k: v for k, v in trained.items() if not k.startswith("_")}
+        assert pipe.scheduler.config.num_train_timesteps == 4
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(image=lr, generator=torch.Generator().manual_seed(0), output_type="np").images)
+    assert default_call_kwargs("resshift") == {"num_inference_steps": 4}
+    assert outs[0].shape == (2, 64, 64, 3) and np.array_equal(outs[0], outs[1])
+
+
+def test_beats_bicubic_on_held_out_images(folder):
+    from diffusion_accel.eval.restoration import psnr
+    from diffusion_accel.pipelines.resshift.degrade import bicubic_down, bicubic_up
+    from diffusion_accel.pipelines.testbed.shapes import make_batch
+
+    from diffusion_accel.loading import load_pipeline
+
+    images, _ = make_batch("test", 0, 8)
+    hr = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    lr = bicubic_down(hr, 4)
+    pipe = load_pipeline("testbed:resshift")
+    pipe.set_progress_bar_config(disable=True)
+    sr = pipe(image=lr, generator=torch.Generator().manual_seed(0), output_type="np").images
+    ref = images.astype(np.float64) / 255.0
+    bicubic = bicubic_up(lr, 4).permute(0, 2, 3, 1).numpy()
+    assert psnr(sr, ref).mean() > psnr(bicubic, ref).mean() + 1.0
