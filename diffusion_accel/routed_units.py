@@ -77,14 +77,15 @@ class RoutedUnits:
         self.stores = [RowStore() for _ in units]
         self._tuple_output = [False] * len(units)
         self.mode = "fill"
-        self.compute: torch.Tensor | None = None  # bool [U] for "hard"
+        self.compute: list[bool] | None = None  # per unit, for "hard"
+        self.keep: list[bool] | None = None  # per unit: store the output (a later step reuses it); None: always
         self.scores: torch.Tensor | None = None  # [U] for "soft"
         self.store_threshold = 0.1
         self.rows: list[tuple[str, int]] = []
         self.computed = 0
         self.reused = 0
         #: Which units computed since the last :meth:`set_step` (the schedule as executed).
-        self.executed = torch.zeros(len(units), dtype=torch.bool)
+        self.executed = [False] * len(units)
         self._installed: list[tuple[torch.nn.Module, str]] = []
 
     def __len__(self) -> int:
@@ -112,12 +113,15 @@ class RoutedUnits:
             store.clear()
         self.computed = self.reused = 0
 
-    def set_step(self, mode: str, rows: list[tuple[str, int]], *, compute: torch.Tensor | None = None,
-                 scores: torch.Tensor | None = None) -> None:
+    def set_step(self, mode: str, rows: list[tuple[str, int]], *, compute: list[bool] | None = None,
+                 scores: torch.Tensor | None = None, keep: list[bool] | None = None) -> None:
+        """The mode of the next forwards. ``compute`` (hard mode) and ``keep`` are per-unit Python lists (read
+        once per unit and forward, so no tensor indexing on the hot path); ``keep[u]`` False skips storing an output
+        no later step reuses."""
         if mode not in MODES:
             raise ValueError(f"unknown routing mode {mode!r}; one of {MODES}")
-        self.mode, self.rows, self.compute, self.scores = mode, list(rows), compute, scores
-        self.executed = torch.zeros(len(self.modules), dtype=torch.bool)
+        self.mode, self.rows, self.compute, self.scores, self.keep = mode, list(rows), compute, scores, keep
+        self.executed = [False] * len(self.modules)
 
     # ------------------------------------------------------------------ one unit
     def _value(self, hook: _UnitHook, args: tuple, kwargs: dict, output: Any) -> tuple:
@@ -141,17 +145,16 @@ class RoutedUnits:
 
     def unit_forward(self, hook: _UnitHook, args: tuple, kwargs: dict) -> Any:
         index, store, rows = hook.index, self.stores[hook.index], self.rows
-        has = store.has(rows)
-        if self.mode == "hard" and has and not bool(self.compute[index]):
+        if self.mode == "hard" and not self.compute[index] and store.has(rows):
             self.reused += 1
             return self._output(hook, args, kwargs, store.get(rows))
         output = hook.fn_ref.original_forward(*args, **kwargs)
         self.computed += 1
         self.executed[index] = True
-        if self.mode == "frozen":
+        if self.mode == "frozen" or (self.keep is not None and not self.keep[index]):
             return output
         value = self._value(hook, args, kwargs, output)
-        if self.mode == "soft" and has:
+        if self.mode == "soft" and store.has(rows):
             r = self.scores[index]
             value = _mix(value, store.get(rows), r)
             if float(r.detach()) > self.store_threshold:

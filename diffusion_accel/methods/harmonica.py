@@ -156,7 +156,8 @@ class HarmoniCaMethod(Method):
         super().__init__(config)
         self.config: HarmoniCaConfig = config
         self.router: CacheRouter | None = None
-        self.compute: torch.Tensor | None = None
+        self.compute: list[list[bool]] = []
+        self.keep: list[list[bool]] = []
         self.threshold = 0.0
         self.units: RoutedUnits | None = None
         self.session: AccelSession | None = None
@@ -165,7 +166,11 @@ class HarmoniCaMethod(Method):
         self.session = session
         self.router = self.config.load_router(session.pipe)
         self.threshold = self.config.resolve_threshold(self.router)
-        self.compute = self.router.decisions(self.threshold)
+        decisions = self.router.decisions(self.threshold)
+        self.compute = decisions.tolist()
+        # an output is stored only where the next step reuses it (a reuse always follows a computing step)
+        self.keep = [(~decisions[k + 1]).tolist() if k + 1 < len(decisions) else [False] * decisions.shape[1]
+                     for k in range(len(decisions))]
         units = session.adapter.routing_units(session.pipe, session.expert)
         self.units = RoutedUnits(units)
         for module, hook in self.units.hooks():
@@ -191,9 +196,9 @@ class HarmoniCaMethod(Method):
             raise ValueError(f"{self.name}: " + self.router.call_mismatch(ctx.num_steps, None) + ".")
         k = min(ctx.step_index, self.router.num_steps - 1)
         if k == 0:
-            self.units.set_step("fill", ctx.rows)
+            self.units.set_step("fill", ctx.rows, keep=self.keep[0])
         else:
-            self.units.set_step("hard", ctx.rows, compute=self.compute[k])
+            self.units.set_step("hard", ctx.rows, compute=self.compute[k], keep=self.keep[k])
 
     def on_call_end(self, session: AccelSession) -> None:
         total = self.units.computed + self.units.reused

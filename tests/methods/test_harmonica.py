@@ -37,12 +37,12 @@ def _executed(pipe, config):
 
         def spy(mode, rows, **kw):
             if method.units.rows or trace:
-                trace.append(method.units.executed.clone())
+                trace.append(torch.tensor(method.units.executed))
             original(mode, rows, **kw)
 
         method.units.set_step = spy
         out = run_pipe(pipe, "pixart_alpha")
-        trace.append(method.units.executed.clone())
+        trace.append(torch.tensor(method.units.executed))
         stats = da.stats(pipe)
     return out, trace, stats
 
