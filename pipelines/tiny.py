@@ -460,7 +460,6 @@ def _hunyuan_video15(seed: int):
 
 def _ovis_image(seed: int):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
     transformer = OvisImageTransformer2DModel(
@@ -473,6 +472,15 @@ def _ovis_image(seed: int):
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
         scaling_factor=1.5035,
     )
+    tokenizer, text_encoder = _tiny_qwen3(seed)
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer.eval())
+
+
+def _tiny_qwen3(seed: int):
+    """A byte-level Qwen2 tokenizer and a 2-layer Qwen3 text encoder (Ovis-Image, Z-Image)."""
+    from transformers import Qwen3Config, Qwen3Model
+
     tokenizer = build_qwen2_tokenizer()
     torch.manual_seed(seed)
     text_encoder = Qwen3Model(Qwen3Config(
@@ -480,8 +488,7 @@ def _ovis_image(seed: int):
         head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )).eval()
-    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
-                             tokenizer=tokenizer, transformer=transformer.eval())
+    return tokenizer, text_encoder
 
 
 def _ltx2(seed: int):
@@ -563,7 +570,6 @@ def _z_image(seed: int):
     """Z-Image: a single-stream transformer over [image, text] tokens that takes and returns per-sample lists, with a
     Qwen3 text encoder (its second-to-last hidden state) and Flux's 16-channel-style VAE (here 4 latent channels)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
     # head dim 32 / 2 heads = 16 = sum(axes_dims), as the transformer asserts
@@ -577,13 +583,7 @@ def _z_image(seed: int):
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
         norm_num_groups=8, shift_factor=0.1159, scaling_factor=0.3611,
     )
-    tokenizer = build_qwen2_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = Qwen3Model(Qwen3Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).eval()
+    tokenizer, text_encoder = _tiny_qwen3(seed)
     return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
                           tokenizer=tokenizer, transformer=transformer.eval())
 

@@ -40,7 +40,7 @@ import torch
 
 from .options import TrainOptions
 from .recipe import Recipe
-from .teachers import teacher_family
+from .teachers import load_teacher_pipeline
 
 LOGIT_CLAMP = 5.0
 
@@ -129,16 +129,11 @@ class RouterRecipe(Recipe):
 
     # -- pipeline --------------------------------------------------------------------------------------------
     def load_teacher(self) -> None:
-        from ..loading import load_pipeline
         from ..pipelines.adapters import find_adapter
-        from ..pipelines.contract import contract_of
 
-        self.pipe = load_pipeline(self.options.pretrained_teacher_model)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.accelerator.device)
-        self.family = teacher_family(self.pipe)
+        self.pipe, self.family, self.contract = load_teacher_pipeline(self.options.pretrained_teacher_model,
+                                                                      self.accelerator.device)
         self.adapter = find_adapter(self.pipe)
-        self.contract = contract_of(self.pipe)
 
     def check(self) -> None:
         opts: RouterOptions = self.options  # type: ignore[assignment]

@@ -37,7 +37,7 @@ from .image_folder import ImageFolder, ImageFolderOptions, load_image_folder
 from .options import TrainOptions
 from .recipe import Recipe
 from .run_folder import RUN_FILE
-from .teachers import TeacherFamily, teacher_family
+from .teachers import TeacherFamily, load_teacher_pipeline
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -182,14 +182,8 @@ class LCD(Recipe):
 
     # -- teacher and checks ----------------------------------------------------------------------------------
     def load_teacher(self) -> None:
-        from ..loading import load_pipeline
-        from ..pipelines.contract import contract_of
-
-        self.pipe = load_pipeline(self.options.pretrained_teacher_model)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.accelerator.device)
-        self.family = teacher_family(self.pipe)
-        self.teacher_contract = contract_of(self.pipe)
+        self.pipe, self.family, self.teacher_contract = load_teacher_pipeline(self.options.pretrained_teacher_model,
+                                                                              self.accelerator.device)
 
     def check(self) -> None:
         opts: LCDOptions = self.options  # type: ignore[assignment]

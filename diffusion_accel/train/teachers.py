@@ -259,3 +259,15 @@ def teacher_family(pipe: Any) -> TeacherFamily:
             return TEACHER_FAMILIES[cls.__name__](pipe)
     raise ValueError(f"{type(pipe).__name__} cannot be distilled by this recipe yet; supported teachers: "
                      f"{', '.join(TEACHER_FAMILIES)}.")
+
+
+def load_teacher_pipeline(name: str, device: Any) -> tuple[Any, TeacherFamily, dict[str, Any]]:
+    """A recipe's frozen pipeline: ``(pipe on device without progress bars, its teacher family, its sampler
+    contract)``."""
+    from ..loading import load_pipeline
+    from ..pipelines.contract import contract_of
+
+    pipe = load_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe, teacher_family(pipe), contract_of(pipe)
