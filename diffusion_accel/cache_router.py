@@ -172,14 +172,7 @@ class CacheRouter:
 
     def call_mismatch(self, num_steps: int | None, guidance: float | None) -> str | None:
         """Why this router cannot drive a call with ``num_steps`` steps at guidance ``guidance``."""
-        if num_steps is not None and num_steps != self.num_steps:
-            return (f"the router was trained for {self.num_steps} sampling steps, the call runs {num_steps}; call with "
-                    f"num_inference_steps={self.num_steps}, or train a router for {num_steps} steps")
-        trained = self.config.get("guidance_scale")
-        if guidance is not None and trained is not None and abs(float(guidance) - float(trained)) > 1e-6:
-            return (f"the router was trained at guidance scale {trained}, the call uses {guidance}; call with "
-                    f"that scale, or train a router at {guidance}")
-        return None
+        return call_mismatch(self.num_steps, self.config.get("guidance_scale"), num_steps, guidance)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | Path) -> Path:
@@ -209,3 +202,16 @@ class CacheRouter:
             raise ValueError(f"{config} is not a diffusion-accel cache router config (format {cfg.get('format')!r}).")
         tensors = load_file(str(weights))
         return cls(tensors["logits"].float(), tensors["trainable"].bool(), cfg)
+
+
+def call_mismatch(trained_steps: int, trained_guidance: float | None, num_steps: int | None,
+                  guidance: float | None) -> str | None:
+    """Why a router trained for ``trained_steps`` steps at ``trained_guidance`` cannot drive a call with
+    ``num_steps`` steps at ``guidance`` (``None`` when it can, or when the call does not say)."""
+    if num_steps is not None and num_steps != trained_steps:
+        return (f"the router was trained for {trained_steps} sampling steps, the call runs {num_steps}; call with "
+                f"num_inference_steps={trained_steps}, or train a router for {num_steps} steps")
+    if guidance is not None and trained_guidance is not None and abs(float(guidance) - float(trained_guidance)) > 1e-6:
+        return (f"the router was trained at guidance scale {trained_guidance}, the call uses {guidance}; call with "
+                f"that scale, or train a router at {guidance}")
+    return None

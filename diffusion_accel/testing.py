@@ -102,12 +102,13 @@ def method_name(spec) -> str:
 
 def compat_methods(pipe) -> list:
     """Every method the compatibility tests run on ``pipe``: ``da.list_methods(pipe)`` (methods applicable with their
-    default config) plus ``linear_ag`` with synthetic coefficients where guidance methods apply."""
+    default config) plus ``linear_ag`` with synthetic coefficients where guidance methods apply and ``harmonica``
+    with a random router (:func:`router_spec`) where the family has blocks."""
     import diffusion_accel as da
     from diffusion_accel.config import parse_config
 
     specs: list = list(da.list_methods(pipe))
-    linear_ag = linear_ag_spec()
-    if parse_config(linear_ag).not_applicable_reason(da.find_adapter(pipe), pipe) is None:
-        specs.append(linear_ag)
+    adapter = da.find_adapter(pipe)
+    extras = [linear_ag_spec()] + ([router_spec(pipe, adapter.family)] if adapter.block_lists else [])
+    specs += [spec for spec in extras if parse_config(spec).not_applicable_reason(adapter, pipe) is None]
     return specs

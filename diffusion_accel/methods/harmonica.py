@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
-from ..cache_router import CacheRouter
+from ..cache_router import CacheRouter, call_mismatch
 from ..config import MethodConfig, register_method
 from ..method import Method
 from ..routed_units import RoutedUnits, is_whole_block
@@ -155,7 +155,10 @@ class HarmoniCaMethod(Method):
     def __init__(self, config: HarmoniCaConfig) -> None:
         super().__init__(config)
         self.config: HarmoniCaConfig = config
-        self.router: CacheRouter | None = None
+        # the router's steps and guidance; its table lives on as the decision lists (no tensors, so the method's
+        # cache memory is its cached activations alone)
+        self.router_steps = 0
+        self.router_guidance: float | None = None
         self.compute: list[list[bool]] = []
         self.keep: list[list[bool]] = []
         self.threshold = 0.0
@@ -164,9 +167,10 @@ class HarmoniCaMethod(Method):
 
     def attach(self, session: AccelSession) -> None:
         self.session = session
-        self.router = self.config.load_router(session.pipe)
-        self.threshold = self.config.resolve_threshold(self.router)
-        decisions = self.router.decisions(self.threshold)
+        router = self.config.load_router(session.pipe)
+        self.threshold = self.config.resolve_threshold(router)
+        decisions = router.decisions(self.threshold)
+        self.router_steps, self.router_guidance = router.num_steps, router.config.get("guidance_scale")
         self.compute = decisions.tolist()
         # an output is stored only where the next step reuses it (a reuse always follows a computing step)
         self.keep = [(~decisions[k + 1]).tolist() if k + 1 < len(decisions) else [False] * decisions.shape[1]
@@ -182,7 +186,8 @@ class HarmoniCaMethod(Method):
         args = session.call_args
         steps = args.get("num_inference_steps")
         guidance = args.get(adapter.cfg_scale_arg) if adapter.cfg_mode(args) != "none" else None
-        reason = self.router.call_mismatch(int(steps) if isinstance(steps, int) else None, guidance)
+        reason = call_mismatch(self.router_steps, self.router_guidance, int(steps) if isinstance(steps, int) else None,
+                               guidance)
         if reason:
             raise ValueError(f"{self.name}: {reason}.")
         self.units.reset()
@@ -192,9 +197,9 @@ class HarmoniCaMethod(Method):
 
     def plan_step(self) -> None:
         ctx = self.session.context
-        if ctx.num_steps and ctx.num_steps != self.router.num_steps:
-            raise ValueError(f"{self.name}: " + self.router.call_mismatch(ctx.num_steps, None) + ".")
-        k = min(ctx.step_index, self.router.num_steps - 1)
+        if ctx.num_steps and ctx.num_steps != self.router_steps:
+            raise ValueError(f"{self.name}: " + call_mismatch(self.router_steps, None, ctx.num_steps, None) + ".")
+        k = min(ctx.step_index, self.router_steps - 1)
         if k == 0:
             self.units.set_step("fill", ctx.rows, keep=self.keep[0])
         else:
