@@ -16,6 +16,18 @@ from .diffusers_internals import TransformerBlockMetadata, block_argument, block
 Streams = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def deviation(out: Streams, inp: Streams) -> Streams:
+    """A block's (or block range's) deviation Δ = h_out − h_in per stream (``None`` where a stream is absent)."""
+    encoder = None if out[1] is None or inp[1] is None else out[1] - inp[1]
+    return out[0] - inp[0], encoder
+
+
+def add_deviation(inp: Streams, delta: Streams) -> Streams:
+    """h_in + Δ per stream: a cached deviation applied to the current input."""
+    encoder = inp[1] if inp[1] is None or delta[1] is None else inp[1] + delta[1]
+    return inp[0] + delta[0], encoder
+
+
 @dataclass
 class BlockIO:
     """Reads a block's input streams and writes outputs in the block's own return format."""

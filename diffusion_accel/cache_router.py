@@ -94,7 +94,7 @@ class CacheRouter:
     # ------------------------------------------------------------------ cost
     def unit_macs(self) -> tuple[torch.Tensor, float]:
         """Per-unit share of one full denoiser forward's MACs and the share outside every unit (the trainer
-        measures them with ``torch.utils.flop_counter`` on the training shape)."""
+        measures them with ``torch.utils.flop_counter`` on one plain pipeline call)."""
         shares = self.config.get("unit_macs_share")
         if shares is None:
             raise ValueError("this router file records no unit MAC shares (unit_macs_share); pass threshold= or "
@@ -169,10 +169,6 @@ class CacheRouter:
         if tuple(self.logits.shape) != (int(cfg.get("num_inference_steps", self.num_steps)), len(units)):
             return f"the router's table is {tuple(self.logits.shape)}, not [steps, {len(units)} units]"
         return None
-
-    def call_mismatch(self, num_steps: int | None, guidance: float | None) -> str | None:
-        """Why this router cannot drive a call with ``num_steps`` steps at guidance ``guidance``."""
-        return call_mismatch(self.num_steps, self.config.get("guidance_scale"), num_steps, guidance)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | Path) -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from .blocks import BlockIO
+from .blocks import BlockIO, add_deviation, deviation
 from .diffusers_internals import HookRegistry, hook_registry
 from .row_store import RowStore
 
@@ -67,8 +67,8 @@ def _mix(fresh: tuple, cached: tuple, r: torch.Tensor) -> tuple:
 
 
 class RoutedUnits:
-    """Unit hooks and their stores. ``register(module, hook, name)`` installs a hook (the session's
-    ``register_hook`` at inference; :meth:`install` registers directly for training)."""
+    """Unit hooks and their stores. :meth:`hooks` gives ``(module, hook)`` pairs for the session's
+    ``register_hook`` (inference); :meth:`install` registers them directly (training)."""
 
     def __init__(self, units: list[tuple[str, torch.nn.Module]]) -> None:
         self.names = [name for name, _ in units]
@@ -130,18 +130,12 @@ class RoutedUnits:
             value, is_tuple = _as_tuple(output)
             self._tuple_output[hook.index] = is_tuple
             return value
-        hidden_in, encoder_in = hook.io.inputs(args, kwargs)
-        hidden_out, encoder_out = hook.io.outputs(output)
-        encoder = None if encoder_in is None or encoder_out is None else encoder_out - encoder_in
-        return hidden_out - hidden_in, encoder
+        return deviation(hook.io.outputs(output), hook.io.inputs(args, kwargs))
 
     def _output(self, hook: _UnitHook, args: tuple, kwargs: dict, value: tuple) -> Any:
         if not hook.whole_block:
             return value if self._tuple_output[hook.index] else value[0]
-        hidden_in, encoder_in = hook.io.inputs(args, kwargs)
-        hidden = hidden_in + value[0].to(hidden_in.dtype)
-        encoder = encoder_in if encoder_in is None or value[1] is None else encoder_in + value[1].to(encoder_in.dtype)
-        return hook.io.make_output(hidden, encoder)
+        return hook.io.make_output(*add_deviation(hook.io.inputs(args, kwargs), value))
 
     def unit_forward(self, hook: _UnitHook, args: tuple, kwargs: dict) -> Any:
         index, store, rows = hook.index, self.stores[hook.index], self.rows

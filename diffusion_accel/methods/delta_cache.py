@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
-from ..blocks import BlockIO, Streams
+from ..blocks import BlockIO, Streams, add_deviation, deviation
 from ..config import MethodConfig, register_method
 from ..method import Method
 from ..row_store import RowStore
@@ -177,12 +177,6 @@ class _BlockHook(ModelHook):
         return self.method.block_forward(self, args, kwargs)
 
 
-def _difference(out: Streams, inp: Streams) -> Streams:
-    hidden = out[0] - inp[0]
-    encoder = None if out[1] is None or inp[1] is None else out[1] - inp[1]
-    return hidden, encoder
-
-
 class DeltaCacheMethod(Method):
     """Runtime of :class:`DeltaCacheConfig`."""
 
@@ -254,14 +248,11 @@ class DeltaCacheMethod(Method):
             output = hook.fn_ref.original_forward(*args, **kwargs)
             for name, (_, end) in self.ranges().items():
                 if index == end - 1 and name in self._inputs:
-                    self._pending[name] = _difference(io.outputs(output), self._inputs[name])
+                    self._pending[name] = deviation(io.outputs(output), self._inputs[name])
             return output
         if not plan.start <= index < plan.end:
             return hook.fn_ref.original_forward(*args, **kwargs)
-        hidden, encoder = io.inputs(args, kwargs)
+        streams = io.inputs(args, kwargs)
         if index == plan.start:  # h_in(current) + Δ; the rest of the range passes it through
-            delta_hidden, delta_encoder = self.stores[plan.range_name].get(self.session.context.rows)
-            hidden = hidden + delta_hidden
-            if encoder is not None and delta_encoder is not None:
-                encoder = encoder + delta_encoder
-        return io.make_output(hidden, encoder)
+            streams = add_deviation(streams, self.stores[plan.range_name].get(self.session.context.rows))
+        return io.make_output(*streams)

@@ -102,9 +102,7 @@ class HarmoniCaConfig(MethodConfig):
         reason = super().not_applicable_reason(adapter, pipe)
         if reason is not None:
             return reason
-        if self.router_folder(pipe) is None:
-            return self._no_router_message()
-        try:
+        try:  # no router, an unreadable one, or a target it cannot reach: the error names the fix
             router = self.load_router(pipe)
             self.resolve_threshold(router)
         except ValueError as exc:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -188,11 +186,7 @@ class RouterRecipe(Recipe):
     def setup_common(self, captions: list[str]) -> None:
         from ..routed_units import RoutedUnits
 
-        device = self.accelerator.device
-        unique = ["", *sorted(set(captions) - {""})]
-        row_of = {c: i for i, c in enumerate(unique)}
-        self.caption_rows = torch.tensor([row_of[c] for c in captions], device=device)
-        self.cond = self.family.encode_captions(unique).to(device)
+        self.cond, self.caption_rows = self.family.encode_caption_table(captions, self.accelerator.device)
         self.scheduler = self.captured_scheduler()
         self.latent_shape = self.family.latent_shape(self.resolution, self.resolution)
         self.denoiser = self.family.denoiser.eval().requires_grad_(False)
@@ -226,25 +220,41 @@ class RouterRecipe(Recipe):
         return torch.randn((batch, *self.latent_shape), generator=gen).to(self.accelerator.device)
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, cond: dict, uncond: dict, scores: torch.Tensor | None,
-               soft_until: int = -1) -> torch.Tensor:
-        """Final latent of one trajectory: soft routing with ``scores`` at steps 1..``soft_until``, full compute
-        (storing) elsewhere."""
+    def samples_switching_on(self, x: torch.Tensor, cond: dict, uncond: dict,
+                             scores: torch.Tensor) -> list[torch.Tensor]:
+        """Final latents x0^{(≤k)} for k = 0..T−1: soft routing with ``scores`` at steps 1..k, full compute (storing)
+        after. Trajectory k shares its first k + 1 steps with trajectory k + 1, so the shared prefix runs once and
+        each trajectory only finishes from where it leaves it (T²/2 denoiser steps instead of T²)."""
         scheduler = copy.deepcopy(self.scheduler)
         self.units.reset()
         rows = self.rows(len(x))
+        finals = []
         for k, t in enumerate(scheduler.timesteps):
-            if 1 <= k <= soft_until:
-                self.units.set_step("soft", rows, scores=scores[k])
-            else:
+            if k >= 1:  # x, scheduler and stores hold steps 0..k−1 with soft routing at 1..k−1: finish x0^{(≤k−1)}
+                finals.append(self._finish_in_full(x, scheduler, cond, uncond, rows))
+            if k == 0:
                 self.units.set_step("fill", rows)
+            else:
+                self.units.set_step("soft", rows, scores=scores[k])
             x = scheduler.step(self.guided(x, t, cond, uncond, scheduler), t, x, return_dict=False)[0]
+        finals.append(x)
+        return finals
+
+    def _finish_in_full(self, x: torch.Tensor, scheduler: Any, cond: dict, uncond: dict,
+                        rows: list[tuple[str, int]]) -> torch.Tensor:
+        """The rest of a trajectory in full compute, on copies of the scheduler and the stores."""
+        scheduler = copy.deepcopy(scheduler)
+        stores = self.units.stores
+        self.units.stores = copy.deepcopy(stores)
+        try:
+            for t in scheduler.timesteps[scheduler.step_index:]:
+                self.units.set_step("fill", rows)
+                x = scheduler.step(self.guided(x, t, cond, uncond, scheduler), t, x, return_dict=False)[0]
+        finally:
+            self.units.stores = stores
         return x
 
     # -- artefact --------------------------------------------------------------------------------------------
-    def checkpoint_objects(self) -> list[Any]:
-        return []
-
     @torch.no_grad()
     def after_optimizer_step(self, model, step):
         router = self.accelerator.unwrap_model(model)
@@ -324,15 +334,12 @@ class HarmoniCa(RouterRecipe):
     @torch.no_grad()
     def refresh_weights(self, scores: torch.Tensor) -> None:
         """λ_k = mean‖x0^{(≤k)} − x0^{(≤k−1)}‖², where x0^{(≤k)} samples with soft routing at steps 1..k and full
-        compute after (the authors' ``get_lambda``); trajectories share their prefix, so each costs T − k steps."""
+        compute after (the authors' ``get_lambda``), on the fixed probe batch."""
         rows, noise = self.probe
-        cond, uncond = self.conditioning(rows)
+        finals = self.samples_switching_on(noise, *self.conditioning(rows), scores)
         lam = torch.zeros(self.steps)
-        previous = self.sample(noise, cond, uncond, scores, soft_until=0)
         for k in range(1, self.steps):
-            current = self.sample(noise, cond, uncond, scores, soft_until=k)
-            lam[k] = (current - previous).float().pow(2).mean()
-            previous = current
+            lam[k] = (finals[k] - finals[k - 1]).float().pow(2).mean()
         lam[1:] = lam[1:] / lam[1:].mean().clamp_min(1e-20)
         self.weights.values = lam
 
@@ -423,12 +430,6 @@ class L2C(RouterRecipe):
         cache_term = scores[routed].sum()
         loss = mse + opts.cache_weight * cache_term
         return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "sum_scores": float(cache_term)}
-
-
-def router_summary(folder: str | Path) -> dict[str, Any]:
-    """The facts a router folder records (for the CLI and benchmarks)."""
-    cfg = json.loads((Path(folder) / "router_config.json").read_text())
-    return {k: cfg.get(k) for k in ("objective", "threshold", "macs_ratio", "cache_rate", "num_inference_steps")}
 
 
 __all__ = ["L2C", "HarmoniCa", "RouterLogits"]

@@ -244,11 +244,8 @@ class LCD(Recipe):
         opts: LCDOptions = self.options  # type: ignore[assignment]
         device = self.accelerator.device
         images, captions = self.training_data()
-        unique = ["", *sorted(set(captions) - {""})]
-        row_of = {c: i for i, c in enumerate(unique)}
         self.captions = captions
-        self.caption_rows = torch.tensor([row_of[c] for c in captions], device=device)
-        self.cond = self.family.encode_captions(unique).to(device)
+        self.cond, self.caption_rows = self.family.encode_caption_table(captions, device)
         self.latents = self.family.encode_images(images).to(device)
         self.num_samples = len(self.latents)
         self.ode = (EpsilonODE if self.family.prediction == "epsilon" else FlowODE)(

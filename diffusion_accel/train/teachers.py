@@ -61,6 +61,14 @@ class TeacherFamily:
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def encode_caption_table(self, captions: list[str], device: torch.device) -> tuple[Conditioning, torch.Tensor]:
+        """Each distinct caption encoded once (row 0 the empty one, the unconditional branch) and, per caption,
+        its row in that table."""
+        unique = ["", *sorted(set(captions) - {""})]
+        row_of = {c: i for i, c in enumerate(unique)}
+        rows = torch.tensor([row_of[c] for c in captions], device=device)
+        return self.encode_captions(unique).to(device), rows
+
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` → model-space latents (posterior mean, shifted and scaled as the pipeline does)."""

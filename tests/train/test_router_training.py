@@ -71,3 +71,38 @@ def test_l2c_pins_alternate_steps_and_the_router_applies(tmp_path):
     with pytest.raises(ValueError, match="guidance scale 4.0, the call uses 7.0"):
         with da.accelerated(pipe, {"method": "l2c", "router": str(out)}):
             pipe(**{**call, "guidance_scale": 7.0})
+
+
+def test_iepo_trajectories_share_their_prefix_exactly():
+    """x0^{(≤k)} from the shared-prefix computation equals an independent sampling with soft routing at steps 1..k
+    and full compute after, for every k (so λ is the authors' get_lambda, at half the cost)."""
+    import copy
+
+    from diffusion_accel.train.options import build_options
+    from diffusion_accel.train.trainer import make_accelerator
+
+    options = build_options(harmonica.HarmoniCaOptions, {**TINY, "output_dir": "unused", "num_lambda_prompts": 2})
+    recipe = harmonica.HarmoniCa(options, make_accelerator(options))
+    recipe.load_teacher()
+    recipe.check()
+    router = recipe.setup(lambda n: None)
+    scores = router().detach()
+    scores[1:] = torch.rand(scores[1:].shape, generator=torch.Generator().manual_seed(3))  # cells above and below τ
+    rows, noise = recipe.probe
+    cond, uncond = recipe.conditioning(rows)
+    shared = recipe.samples_switching_on(noise, cond, uncond, scores)
+    assert len(shared) == recipe.steps
+    batch_rows = recipe.rows(len(noise))
+    with torch.no_grad():
+        for k in range(recipe.steps):
+            scheduler, x = copy.deepcopy(recipe.scheduler), noise
+            recipe.units.reset()
+            for step, t in enumerate(scheduler.timesteps):
+                if 1 <= step <= k:
+                    recipe.units.set_step("soft", batch_rows, scores=scores[step])
+                else:
+                    recipe.units.set_step("fill", batch_rows)
+                x = scheduler.step(recipe.guided(x, t, cond, uncond, scheduler), t, x, return_dict=False)[0]
+            assert torch.equal(shared[k], x), k
+    assert not torch.equal(shared[0], shared[-1])
+    recipe.units.uninstall()
