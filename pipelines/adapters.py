@@ -33,8 +33,12 @@ class ModelAdapter:
         experts: further denoiser attributes the pipeline switches to within a call (Wan 2.2's low-noise
             ``transformer_2``). The adapter only matches pipelines where they are all set. Every expert gets its own
             instance of each method (a cache belongs to the expert that filled it) under the pipeline's one call.
-        block_lists: attribute names of the denoiser's ``ModuleList`` s of transformer blocks, in execution order.
-            Flux's dual- and single-stream lists form one ordered range. Empty for UNets.
+        denoiser_classes: when set, the adapter matches only pipelines whose denoiser is of one of these classes,
+            and wins over an adapter of the same pipeline class without them: a model family served by another
+            family's pipeline class (BFM's ``BlockwiseFlowTransformer`` in a ``FluxPipeline``).
+        block_lists: attribute names (dotted paths for nested modules) of the denoiser's ``ModuleList`` s of
+            transformer blocks, in execution order. Flux's dual- and single-stream lists form one ordered range.
+            Empty for UNets.
         cfg_layout: how the pipeline evaluates CFG: ``"batched"`` (one forward on a concatenated batch),
             ``"separate"`` (two forwards, wrapped in ``cache_context("cond"/"uncond")``) or ``"none"``.
         cfg_scale_arg: the ``__call__`` argument whose value > 1 turns CFG on.
@@ -73,6 +77,7 @@ class ModelAdapter:
     pipeline_classes: tuple[str, ...]
     denoiser: str = "transformer"
     experts: tuple[str, ...] = ()
+    denoiser_classes: tuple[str, ...] = ()
     block_lists: tuple[str, ...] = ("transformer_blocks",)
     cfg_layout: CfgLayout = "batched"
     cfg_scale_arg: str = "guidance_scale"
@@ -125,7 +130,7 @@ class ModelAdapter:
         denoiser = self.get_denoiser(pipe, attr)
         blocks: list[torch.nn.Module] = []
         for name in self.block_lists:
-            blocks.extend(getattr(denoiser, name, None) or [])
+            blocks.extend(_module_list(denoiser, name))
         return blocks
 
     def routing_units(self, pipe: Any, attr: str | None = None) -> list[tuple[str, torch.nn.Module]]:
@@ -135,7 +140,7 @@ class ModelAdapter:
         denoiser = self.get_denoiser(pipe, attr)
         units: list[tuple[str, torch.nn.Module]] = []
         for list_name in self.block_lists:
-            for index, block in enumerate(getattr(denoiser, list_name, None) or []):
+            for index, block in enumerate(_module_list(denoiser, list_name)):
                 prefix = f"{list_name}.{index}"
                 branches = GATED_BRANCHES.get(type(getattr(block, "_orig_mod", block)).__name__)
                 if branches is None:
@@ -160,6 +165,16 @@ class ModelAdapter:
             return "none"
         return self.cfg_layout
 
+
+
+def _module_list(denoiser: torch.nn.Module, path: str) -> list[torch.nn.Module]:
+    """The blocks at dotted ``path`` under ``denoiser`` (empty when a part is missing or ``None``)."""
+    module: Any = denoiser
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return []
+    return list(module)
 
 
 #: The gated branches of a transformer block class: submodules whose output the block scales by an adaLN gate of
@@ -194,6 +209,12 @@ _LTX2_TWO_OUTPUTS = ("the transformer returns a video and an audio prediction an
 _LTX2_PAB = ("Diffusers 0.42.1's Pyramid Attention Broadcast keeps one state per attention module, not per cache "
              "context, so the batch-B guidance passes that follow the 2B CFG pass reuse its attention outputs "
              "(RuntimeError in LTX2VideoTransformerBlock.get_mod_params)")
+
+
+#: Why Diffusers' own block caches cannot run on a model whose blocks sit in nested stacks (BFM).
+_DIFFUSERS_CACHES_TOP_LEVEL = ("Diffusers 0.42.1's FirstBlockCache and MagCache hook only block lists that are direct "
+                               "children of the transformer; BFM's blocks sit in its alignment network and per-segment "
+                               "stacks (use delta_cache, taylorseer or a router)")
 
 
 def _adapter_list() -> list[ModelAdapter]:
@@ -233,6 +254,20 @@ def _adapter_list() -> list[ModelAdapter]:
             cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
             guidance_distilled=True, prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
             unsupported_methods={"dbcache": _CACHE_DIT_OUTLIVES_DISABLE},
+            extra={"self_attention": ("attn",), "joint_text": "prefix"},
+        ),
+        ModelAdapter(
+            # Blockwise Flow Matching (pipelines/bfm): a FluxPipeline whose transformer runs the shared feature
+            # alignment network R and then the velocity blocks of the step's time segment. Only R's blocks are the
+            # same modules at every step, so the block methods work on them; the velocity blocks change with the
+            # segment, and a cache keyed on block position would mix segments.
+            family="bfm", pipeline_classes=("FluxPipeline",), denoiser_classes=("BlockwiseFlowTransformer",),
+            block_lists=("alignment.transformer_blocks", "alignment.single_transformer_blocks"),
+            cfg_layout="separate", cfg_scale_arg="true_cfg_scale", cfg_needs_negative_prompt=True,
+            prediction="flow", timestep_scale=1000.0, latent_layout="packed_image",
+            unsupported_methods={**{name: _DIFFUSERS_CACHES_TOP_LEVEL for name in ("fbcache", "magcache")},
+                                 "dbcache": "cache-dit 1.5.3 finds a transformer's blocks by its class "
+                                            "(BlockAdapterRegister), and BlockwiseFlowTransformer is not one of them"},
             extra={"self_attention": ("attn",), "joint_text": "prefix"},
         ),
         ModelAdapter(
@@ -482,11 +517,17 @@ def find_adapter(pipe: Any) -> ModelAdapter:
         # One pipeline class can hold several layouts (WanPipeline with or without a second expert): the adapter
         # whose experts are all present and most numerous wins.
         matches = [a for a in _ADAPTERS.values() if name in a.pipeline_classes
-                   and all(getattr(pipe, e, None) is not None for e in a.experts)]
+                   and all(getattr(pipe, e, None) is not None for e in a.experts)
+                   and (not a.denoiser_classes or _denoiser_class(pipe, a) in a.denoiser_classes)]
         if matches:
-            return max(matches, key=lambda a: len(a.experts))
+            return max(matches, key=lambda a: (bool(a.denoiser_classes), len(a.experts)))
     supported = ", ".join(f"{a.family} ({'/'.join(a.pipeline_classes[:2])})" for a in _ADAPTERS.values())
     raise ValueError(
         f"No diffusion-accel adapter for {type(pipe).__name__}. Supported families: {supported}. "
         f"To add one, register a ModelAdapter (about 30 lines): see {README_ADDING_A_MODEL}."
     )
+
+
+def _denoiser_class(pipe: Any, adapter: ModelAdapter) -> str:
+    denoiser = getattr(pipe, adapter.denoiser, None)
+    return type(getattr(denoiser, "_orig_mod", denoiser)).__name__

@@ -144,6 +144,21 @@ def _flux(seed: int):
     )
 
 
+def _bfm(seed: int):
+    """The tiny Flux pipeline with a Blockwise Flow Matching transformer: 2 segments (2 of the 4 tiny steps each),
+    a feature alignment network and its feature residual network (so FRA runs in every call)."""
+    from ..pipelines.bfm import BlockwiseFlowTransformer
+
+    pipe = _flux(seed)
+    torch.manual_seed(seed)
+    pipe.transformer = BlockwiseFlowTransformer(
+        in_channels=16, num_segments=2, segment_layers=1, alignment_layers=1, alignment_single_layers=1,
+        frn_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=_TEXT_DIM,
+        pooled_projection_dim=_TEXT_DIM, axes_dims_rope=(4, 6, 6), feature_dim=8, projector_dim=16).eval()
+    pipe.register_modules(transformer=pipe.transformer)
+    return pipe
+
+
 def _cogvideox(seed: int):
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -611,6 +626,7 @@ _BUILDERS: dict[str, Callable[[int], Any]] = {
     "pixart_sigma": lambda seed: _pixart(seed, sigma=True),
     "sd3": _sd3,
     "flux": _flux,
+    "bfm": _bfm,
     "cogvideox": _cogvideox,
     "wan": _wan,
     "wan22": lambda seed: _wan(seed, two_experts=True),
@@ -641,6 +657,8 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd3": {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16},
     "flux": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
              "negative_prompt": "blurry", "max_sequence_length": 16},
+    "bfm": {"height": 32, "width": 32, "num_inference_steps": 4, "true_cfg_scale": 4.0,
+            "negative_prompt": "blurry", "max_sequence_length": 16},
     "cogvideox": {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,
                   "max_sequence_length": 16},
     "wan": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 4.0,

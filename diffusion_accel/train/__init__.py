@@ -14,12 +14,13 @@ from .recipe import Recipe
 
 def recipes() -> dict[str, type[Recipe]]:
     """Registered recipes by command-line name."""
+    from .bfm import BFM, BFMFeatureResidual
     from .harmonica import L2C, HarmoniCa
     from .lcd import LCD
     from .resshift import ResShift
     from .rglcd import RGLCD
 
-    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C, ResShift)}
+    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C, ResShift, BFM, BFMFeatureResidual)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -8,8 +8,8 @@ from typing import Any
 from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
-__all__ = ["RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name", "default_call_kwargs",
-           "testbed_path"]
+__all__ = ["REBUILT_NAMES", "RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name",
+           "default_call_kwargs", "testbed_path"]
 
 #: Students distilled from a testbed pipeline (``diffusion-accel train``): name → the recipe that made them. Each
 #: folder carries its own sampler contract (scheduler, steps, guidance off).
@@ -20,6 +20,12 @@ STUDENT_NAMES: dict[str, str] = {"pixart-lcm": "lcd", "pixart-rglcd": "rglcd"}
 #: number of steps is the stored scheduler's T.
 RESTORATION_NAMES: dict[str, str] = {"resshift": "resshift-bicubic"}
 
+#: Testbed pipelines too large for the 50 MB ``assets/`` budget: name → the command that trains them into
+#: ``assets/testbed-<name>`` (git-ignored). Each folder carries its own sampler contract.
+REBUILT_NAMES: dict[str, str] = {
+    "bfm": "diffusion-accel train bfm --config flow-bfm --output_dir assets/testbed-bfm",
+}
+
 
 def asset_dir_name(name: str) -> str:
     """``"pixart"`` → ``"testbed-pixart"``."""
@@ -28,7 +34,7 @@ def asset_dir_name(name: str) -> str:
 
 
 def _check(name: str) -> None:
-    known = (*TESTBED_NAMES, *STUDENT_NAMES, *RESTORATION_NAMES)
+    known = (*TESTBED_NAMES, *STUDENT_NAMES, *RESTORATION_NAMES, *REBUILT_NAMES)
     if name not in known:
         raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join(known)}.")
 
@@ -42,6 +48,10 @@ def testbed_path(name: str) -> Path:
             f"The restoration pipeline {name!r} is not in {path}. Train it with `diffusion-accel train resshift "
             f"--config {RESTORATION_NAMES[name]} --output_dir runs/sr/{name}` and ship it with `python -m "
             f"diffusion_accel.pipelines.testbed.students runs/sr/{name} {name}`.")
+    if not (path / "model_index.json").exists() and name in REBUILT_NAMES:
+        raise FileNotFoundError(
+            f"testbed:{name} is not shipped (it would not fit the assets' 50 MB budget); build it into {path} with "
+            f"`{REBUILT_NAMES[name]}` (the CPU recipe; see the README's Blockwise Flow Matching section).")
     if not (path / "model_index.json").exists() and name in STUDENT_NAMES:
         raise FileNotFoundError(
             f"The distilled student {name!r} is not in {path}. Train it with `diffusion-accel train "
@@ -64,7 +74,7 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
 
         config = json.loads((testbed_path(name) / "scheduler" / "scheduler_config.json").read_text())
         return {"num_inference_steps": int(config["num_train_timesteps"])}
-    if name in STUDENT_NAMES:
+    if name in STUDENT_NAMES or name in REBUILT_NAMES:
         import json
 
         from ..contract import CONTRACT_KEY
