@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_accel.testing import assert_pickle_free
 from diffusion_accel.train import train
 from diffusion_accel.train.latent_reward import LatentRewardModel, pairwise_kl
 from diffusion_accel.train.lcd import FlowODE, boundary_scalings, huber
@@ -153,6 +154,7 @@ def test_rglcd_with_latent_reward_resumes_every_model(tmp_path):
     first = tmp_path / "first"
     record = train("rglcd", output_dir=str(first), **options)
     assert "rm_loss" in record["final_logs"] and "proxy_reward" in record["final_logs"]
+    assert_pickle_free(first / "checkpoint-2")
     second = tmp_path / "second"
     second.mkdir()
     shutil.copytree(first / "checkpoint-2", second / "checkpoint-2")
