@@ -4,7 +4,7 @@ Layout (Diffusers' example trainers' names)::
 
     output_dir/
       training_run.json         recipe, teacher, options: marks the folder as this run's
-      checkpoint-<step>/        the resumable state, .safetensors + .json only (.checkpoint) + train_state.json
+      checkpoint-<step>/        the resumable state as .safetensors + .json only (see .checkpoint), train_state.json
       validation/step-<step>.png
       model_index.json, ...     the trained pipeline, written at the end
 
@@ -66,11 +66,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None, recipe: str) -> P
                          f"resume it with `diffusion-accel train {owner} ...`, or start {recipe!r} without the flag.")
     other = sorted(p.name for p in path.iterdir() if p.suffix not in CHECKPOINT_SUFFIXES)
     if other:
-        raise ValueError(f"--resume_from_checkpoint {path} holds {', '.join(other)}: not safetensors or JSON, as "
-                         "checkpoints of diffusion-accel before it dropped pickle (accelerate's optimizer.bin, "
-                         "random_states_0.pkl, ...). They are not loaded: unpickling a file can run code. Start the "
-                         "run again (--overwrite_output_dir, without --resume_from_checkpoint), or finish it with the "
-                         "version that wrote it.")
+        raise ValueError(f"--resume_from_checkpoint {path} holds {', '.join(other)}: neither safetensors nor JSON, "
+                         "as in the pickle checkpoints of earlier diffusion-accel versions (accelerate's "
+                         "optimizer.bin, random_states_0.pkl, ...). They are not loaded: unpickling a file can run "
+                         "code. Start the run again (--overwrite_output_dir, without --resume_from_checkpoint), or "
+                         "finish it with the version that wrote it.")
     return path
 
 

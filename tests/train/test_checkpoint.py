@@ -4,6 +4,7 @@ as the run itself would, and pickle checkpoints of earlier versions are refused,
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -132,6 +133,15 @@ def test_pickle_checkpoints_of_earlier_versions_are_refused(tmp_path):
     (old / "model.safetensors").write_bytes(b"")
     torch.save({"state": {}}, old / "optimizer.bin")
     (old / "random_states_0.pkl").write_bytes(b"\x80\x04.")
-    with pytest.raises(ValueError, match=r"optimizer.bin, random_states_0.pkl: not safetensors or JSON.*"
+    with pytest.raises(ValueError, match=r"optimizer.bin, random_states_0.pkl: neither safetensors nor JSON.*"
                                          r"unpickling a file can run code.*--overwrite_output_dir"):
         run_folder.resolve_resume(tmp_path, "latest", "lcd")
+
+
+def test_sharded_training_is_refused_before_any_work():
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(ValueError, match="replicated state.*--multi_gpu"):
+            checkpoint.check_supported(SimpleNamespace(distributed_type=kind))
+    checkpoint.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
