@@ -3,10 +3,13 @@
 ``FAMILIES`` and ``tiny_pipeline(family, seed=0)`` build each family's real Diffusers pipeline class with tiny random
 components and tokenizers made in code; :func:`run_pipe` calls one with a fixed seed and small sizes, and
 :func:`fingerprint` records what ``remove`` (or a failed ``apply``) must leave unchanged.
+:func:`assert_pickle_free` checks a training checkpoint folder byte by byte.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +17,8 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "compat_methods", "fingerprint", "linear_ag_spec", "method_name", "pipe_outputs",
-           "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
+__all__ = ["FAMILIES", "assert_pickle_free", "compat_methods", "fingerprint", "linear_ag_spec", "method_name",
+           "pipe_outputs", "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
 
 
 def pipe_outputs(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
@@ -112,3 +115,22 @@ def compat_methods(pipe) -> list:
     extras = [linear_ag_spec()] + ([router_spec(pipe, adapter.family)] if adapter.block_lists else [])
     specs += [spec for spec in extras if parse_config(spec).not_applicable_reason(adapter, pipe) is None]
     return specs
+
+
+def assert_pickle_free(folder: str | Path) -> None:
+    """Every file of a checkpoint folder is JSON or safetensors, judged by its bytes, not its name: no zip
+    (``torch.save``), no pickle (which starts with ``0x80``, its protocol opcode, and is not JSON either)."""
+    for path in sorted(Path(folder).iterdir()):
+        assert path.is_file(), f"{path}: not a file"
+        data = path.read_bytes()
+        assert not data.startswith(b"PK\x03\x04"), f"{path}: a zip archive (torch.save)"
+        if path.suffix == ".json":
+            assert not data.startswith(b"\x80"), f"{path}: a pickle"
+            json.loads(data)
+        else:
+            assert path.suffix == ".safetensors", f"{path}: neither JSON nor safetensors"
+            # safetensors: an 8-byte little-endian header size, a JSON header, then exactly the tensors' bytes
+            size = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + size])
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            assert 8 + size + end == len(data), f"{path}: not a safetensors file"

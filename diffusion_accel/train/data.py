@@ -4,7 +4,7 @@ Every random draw of an optimizer step (which samples, their noise, their timest
 by ``(seed, step, micro_step)`` for the *global* batch; each process then takes its contiguous slice. Hence
 
 * resuming at step N reproduces exactly the batches an uninterrupted run would see (the stream has no hidden state:
-  :class:`DataCursor`, registered with accelerate, only records the position and checks the seed), and
+  :class:`DataCursor`, saved with every checkpoint, only records the position and checks the seed), and
 * ``P`` processes with per-process batch ``B / P`` see the samples and noise of one process with batch ``B``.
 
 A ``DataLoader`` with a sampler would keep its own RNG and epoch state, which ``accelerate`` restores only through

@@ -59,8 +59,9 @@ class Recipe:
 
     # -- optional -------------------------------------------------------------------------------------------
     def checkpoint_objects(self) -> list[Any]:
-        """Stateful objects besides the trained module, its optimizer and LR schedule (which the loop registers):
-        target networks, EMA copies, auxiliary models. Each needs ``state_dict``/``load_state_dict``."""
+        """Stateful objects besides the trained module, its optimizer and LR schedule (which the loop checkpoints):
+        target networks, EMA copies, auxiliary models. Each needs ``state_dict``/``load_state_dict``, its state made
+        of tensors, numpy arrays, numbers, strings, lists, tuples and dicts (checkpoints hold no pickle)."""
         return []
 
     def prepare_auxiliary(self) -> None:

@@ -4,7 +4,7 @@ Layout (Diffusers' example trainers' names)::
 
     output_dir/
       training_run.json         recipe, teacher, options: marks the folder as this run's
-      checkpoint-<step>/        accelerate's resumable state + train_state.json (recipe, step)
+      checkpoint-<step>/        the resumable state as .safetensors + .json only (see .checkpoint), train_state.json
       validation/step-<step>.png
       model_index.json, ...     the trained pipeline, written at the end
 
@@ -22,6 +22,8 @@ from typing import Any
 RUN_FILE = "training_run.json"
 STATE_FILE = "train_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+#: What a checkpoint folder may hold; anything else (a pickle) is refused, never loaded.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -62,6 +64,13 @@ def resolve_resume(output_dir: str | Path, resume: str | None, recipe: str) -> P
     if owner != recipe:
         raise ValueError(f"--resume_from_checkpoint {path} is a checkpoint of recipe {owner!r}, not {recipe!r}; "
                          f"resume it with `diffusion-accel train {owner} ...`, or start {recipe!r} without the flag.")
+    other = sorted(p.name for p in path.iterdir() if p.suffix not in CHECKPOINT_SUFFIXES)
+    if other:
+        raise ValueError(f"--resume_from_checkpoint {path} holds {', '.join(other)}: neither safetensors nor JSON, "
+                         "as in the pickle checkpoints of earlier diffusion-accel versions (accelerate's "
+                         "optimizer.bin, random_states_0.pkl, ...). They are not loaded: unpickling a file can run "
+                         "code. Start the run again (--overwrite_output_dir, without --resume_from_checkpoint), or "
+                         "finish it with the version that wrote it.")
     return path
 
 

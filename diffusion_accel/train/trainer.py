@@ -8,9 +8,10 @@ Conventions (each chosen against a trap of the anchor trainers):
   keyword accelerate 1.15 ignores, run an N-times-shorter warm-up and decay on N processes.
 * **Batch.** ``--train_batch_size`` is per process; the data stream (:mod:`.data`) is a function of the step, so
   ``P`` processes with ``B/P`` each train on exactly what one process with ``B`` does.
-* **Checkpoints** are ``accelerator.save_state`` folders (the trained module, optimizer, LR schedule, RNG, the data
-  cursor and every object the recipe registers) written to ``checkpoint-<step>.partial`` and renamed when
-  complete, so a run killed while saving never leaves a checkpoint that ``latest`` would pick.
+* **Checkpoints** hold the trained module, optimizer, LR schedule, RNG, the data cursor and every object the recipe
+  lists, as safetensors and JSON only (:mod:`.checkpoint`: accelerate's ``save_state`` pickles all but the
+  models). They are written to ``checkpoint-<step>.partial`` and renamed once every process has written its part,
+  so a run killed while saving never leaves a checkpoint that ``latest`` would pick.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import run_folder
+from . import checkpoint, run_folder
 from .data import BatchStream, DataCursor
 from .options import TrainOptions
 from .recipe import Recipe
@@ -58,13 +59,14 @@ def make_accelerator(options: TrainOptions):
                        step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
 
 
-def _save_checkpoint(accelerator, recipe: Recipe, options: TrainOptions, step: int) -> None:
+def _save_checkpoint(accelerator, recipe: Recipe, options: TrainOptions, step: int, objects: list[Any]) -> None:
     final = run_folder.checkpoint_path(options.output_dir, step)
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         run_folder.rotate(options.output_dir, options.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every process calls it (DeepSpeed gathers shards inside)
+    checkpoint.save(accelerator, partial, objects)
+    accelerator.wait_for_everyone()  # every process's random states are in before the folder is renamed
     if accelerator.is_main_process:
         run_folder.write_state(partial, recipe.name, step, {"options": options.to_dict()})
         if final.exists():
@@ -107,6 +109,7 @@ def run(recipe_cls: type[Recipe], options: TrainOptions) -> dict[str, Any]:
     options.validate()
     resume = run_folder.resolve_resume(options.output_dir, options.resume_from_checkpoint, recipe_cls.name)
     accelerator = make_accelerator(options)
+    checkpoint.check_supported(accelerator)
     if accelerator.is_main_process:
         run_folder.claim(options.output_dir, recipe_cls.name, resuming=resume is not None,
                          overwrite=options.overwrite_output_dir)
@@ -135,10 +138,9 @@ def run(recipe_cls: type[Recipe], options: TrainOptions) -> dict[str, Any]:
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     recipe.prepare_auxiliary()
     cursor = DataCursor(options.seed)
-    for obj in (cursor, *recipe.checkpoint_objects()):
-        accelerator.register_for_checkpointing(obj)
+    objects = [cursor, *recipe.checkpoint_objects()]
     if resume is not None:
-        accelerator.load_state(str(resume))
+        checkpoint.load(accelerator, resume, objects)
         logger.info("resumed from %s at step %d", resume, cursor.step)
     if accelerator.is_main_process and options.report_to != "none":
         accelerator.init_trackers(f"diffusion-accel-{recipe.name}",
@@ -170,12 +172,12 @@ def run(recipe_cls: type[Recipe], options: TrainOptions) -> dict[str, Any]:
         if cursor.step == options.max_train_steps:
             break  # the last step's checkpoint and validation grid are written once, below
         if options.checkpointing_steps and cursor.step % options.checkpointing_steps == 0:
-            _save_checkpoint(accelerator, recipe, options, cursor.step)
+            _save_checkpoint(accelerator, recipe, options, cursor.step, objects)
         if options.validation_steps and cursor.step % options.validation_steps == 0:
             _validate(accelerator, recipe, model, options, cursor.step)
     progress.close()
     train_seconds = time.time() - started
-    _save_checkpoint(accelerator, recipe, options, cursor.step)
+    _save_checkpoint(accelerator, recipe, options, cursor.step, objects)
     accelerator.wait_for_everyone()
     record: dict[str, Any] = {}
     if accelerator.is_main_process:

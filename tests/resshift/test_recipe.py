@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_accel.testing import assert_pickle_free
 from diffusion_accel.train import recipe_class, train
 
 TINY = dict(num_train_samples=16, train_batch_size=4, block_out_channels="16,32", validation_steps=0,
@@ -40,6 +41,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_artefact_reloads_bit_id
     full, split = tmp_path / "full", tmp_path / "split"
     train("resshift", output_dir=str(full), max_train_steps=4, checkpointing_steps=0, **TINY)
     train("resshift", output_dir=str(split), max_train_steps=2, checkpointing_steps=0, **TINY)
+    assert_pickle_free(split / "checkpoint-2")
     record = train("resshift", output_dir=str(split), max_train_steps=4, checkpointing_steps=0,
                    resume_from_checkpoint="latest", **TINY)
     assert record["steps"] == 4 and record["steps_this_session"] == 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_accel.testing import assert_pickle_free
 from diffusion_accel.train import train
 from diffusion_accel.train.latent_reward import LatentRewardModel, pairwise_kl
 from diffusion_accel.train.lcd import FlowODE, boundary_scalings, huber
@@ -121,7 +122,8 @@ def test_flux_lora_student_both_loading_paths_agree(tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo; accelerate 1.15's ``--cpu`` starts one
     process) with per-process batch 2 == 1 process with batch 4: same
-    weights and the same LR schedule length (the schedule is stepped once per optimizer step)."""
+    weights and the same LR schedule length (the schedule is stepped once per optimizer step); the checkpoint holds
+    both processes' random generators."""
     args = ["--pretrained_teacher_model", "tiny:pixart_alpha", "--guidance_scale", "4.0", "--resolution", "32",
             "--num_train_samples", "32", "--max_train_steps", "4", "--lr_scheduler", "constant_with_warmup",
             "--learning_rate", "1e-3", "--lr_warmup_steps", "8", "--validation_steps", "0",
@@ -139,6 +141,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     m2 = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
     assert m2["num_processes"] == 2 and m1["global_batch"] == m2["global_batch"] == 4
     assert m1["final_logs"]["lr"] == m2["final_logs"]["lr"]  # half-way through warm-up, not at its end
+    final = tmp_path / "two" / "checkpoint-4"  # the main process's shared files and each process's generators
+    assert_pickle_free(final)
+    assert {p.name for p in final.glob("random_states_*.json")} == {"random_states_0.json", "random_states_1.json"}
     a = load_file(str(tmp_path / "one" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "transformer" / "diffusion_pytorch_model.safetensors"))
     for name in a:
@@ -153,6 +158,7 @@ def test_rglcd_with_latent_reward_resumes_every_model(tmp_path):
     first = tmp_path / "first"
     record = train("rglcd", output_dir=str(first), **options)
     assert "rm_loss" in record["final_logs"] and "proxy_reward" in record["final_logs"]
+    assert_pickle_free(first / "checkpoint-2")
     second = tmp_path / "second"
     second.mkdir()
     shutil.copytree(first / "checkpoint-2", second / "checkpoint-2")

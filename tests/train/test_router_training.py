@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import diffusion_accel as da
 from diffusion_accel.cache_router import CacheRouter
+from diffusion_accel.testing import assert_pickle_free
 from diffusion_accel.train import harmonica, train
 
 TINY = {"pretrained_teacher_model": "tiny:pixart_alpha", "guidance_scale": 4.0, "resolution": 32,
@@ -40,6 +41,7 @@ def test_killed_and_resumed_router_training_matches_an_uninterrupted_one(tmp_pat
         train("harmonica", output_dir=str(tmp_path / "killed"), **common)
     monkeypatch.setattr(harmonica.HarmoniCa, "loss", original)
     assert (tmp_path / "killed" / "checkpoint-2").is_dir()
+    assert_pickle_free(tmp_path / "killed" / "checkpoint-2")
     train("harmonica", output_dir=str(tmp_path / "killed"), resume_from_checkpoint="latest", **common)
 
     straight, resumed = _logits(tmp_path / "straight"), _logits(tmp_path / "killed")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_accel.testing import assert_pickle_free
 from diffusion_accel.train import options as opts_mod
 from diffusion_accel.train import recipe_class, run_folder
 from diffusion_accel.train.cli import main as train_main
@@ -119,7 +120,8 @@ def _cli(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """6 steps straight == 3 steps, SIGKILL, resume from checkpoint-3, 3 more steps (CPU, fixed seed)."""
+    """6 steps straight == 3 steps, SIGKILL, resume from checkpoint-3, 3 more steps (CPU, fixed seed); the
+    checkpoint holds no pickle."""
     common = ["lcd", *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--lr_scheduler", "linear",
               "--learning_rate", "1e-3", "--ship_weights", "online"]
     straight = _cli([*common, "--output_dir", str(tmp_path / "straight")])
@@ -131,6 +133,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert state.exists(), killed.stdout.read()
+    assert_pickle_free(state.parent)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
     resumed = _cli([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint",
