@@ -200,6 +200,8 @@ class _FlowRecipeBase(Recipe):
         from ..pipelines.testbed.shapes import heldout_prompts
 
         prompts = list(heldout_prompts())[:self.options.num_validation_prompts]
+        if not prompts:
+            return []
         pipe = self.pipeline_with(self.shipped_transformer(model))
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return pipe(prompt=prompts, negative_prompt=[""] * len(prompts), generator=gens).images
