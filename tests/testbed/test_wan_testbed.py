@@ -64,17 +64,35 @@ def test_speed_tier_has_16k_tokens():
         wan.latent_tokens(64, 64, 8)
 
 
-def test_eval_cli_prints_the_video_table(tmp_path, capsys):
+def test_eval_cli_prints_the_video_table(tmp_path, capsys, monkeypatch):
+    from diffusion_accel.pipelines.testbed import evaluate_video
+
     from diffusion_accel.cli import main
+
+    monkeypatch.setattr(evaluate_video, "NUM_REFERENCE_CLIPS", 32)  # FID reference: 288 frames are enough here
 
     out = tmp_path / "wan.json"
     assert main(["testbed", "eval", "wan", "--prompts", "2", "--steps", "2", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     for row in ("adherence direction", "adherence all", "FID-shapes over frames", "motion smoothness",
-                "dynamic degree", "subject consistency"):
+                "dynamic degree", "subject consistency", "VAE recon"):
         assert row in table
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and result["call_kwargs"]["num_inference_steps"] == 2
     assert result["real"]["adherence"] == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
     assert result["real"]["vbench"]["dynamic_degree"] == 1.0
     assert set(result["generated"]["vbench"]) == set(result["real"]["vbench"])
+    assert set(result["vae_reconstruction"]) == set(result["real"])
+
+
+def test_vae_loss_weights_the_object_pixels():
+    from diffusion_accel.pipelines.testbed.train_wan import FOREGROUND_WEIGHT, clips_to_tensor, foreground_weights
+    from diffusion_accel.pipelines.testbed.video_data import make_clips
+
+    frames, clips = make_clips("wan-train", 0, 2)
+    weights = foreground_weights(clips_to_tensor(frames))
+    assert weights.shape == (2, 1, 9, 64, 64) and set(weights.unique().tolist()) == {1.0, FOREGROUND_WEIGHT}
+    for i, clip in enumerate(clips):  # heavy exactly around the object's centre, light in the corners
+        x, y = np.round(clip.track[4]).astype(int)
+        assert weights[i, 0, 4, y, x] == FOREGROUND_WEIGHT and weights[i, 0, 4, 0, 0] == 1.0
+        assert 0.01 < (weights[i] > 1).float().mean() < 0.2
