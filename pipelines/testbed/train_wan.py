@@ -34,8 +34,10 @@ CAPTION_DROPOUT = 0.1
 FOREGROUND_WEIGHT = 20.0
 
 #: Stages per recipe. ``shipped``: sized for ~10 min on one H100/H200 (VAE ~3 min, transformer ~6 min; both models
-#: are tiny, so the batch, not the GPU, is the limit). ``cpu``: ~30 min on 2 shared cores (VAE 12, data ~1,
-#: transformer 16), what ``assets/testbed-wan`` was trained with (see its ``train_metrics.json``).
+#: are tiny, so the batch, not the GPU, is the limit; the VAE draws its clips in the main process, ~50 ms per batch
+#: of 32, so its 3 minutes will likely end near 2 000 steps, not 6 000; untested: no GPU was available). ``cpu``:
+#: ~31 min on 1 thread of 2 shared cores (VAE 12, encoding the clips ~2.5, transformer 16), what
+#: ``assets/testbed-wan`` was trained with (see its ``train_metrics.json``).
 WAN_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "shipped": {"vae": {"steps": 6000, "batch_size": 32, "lr": 1e-3, "minutes": 3.0},
                 "transformer": {"steps": 40000, "batch_size": 512, "lr": 8e-4, "num_train": 60000, "minutes": 6.0}},
