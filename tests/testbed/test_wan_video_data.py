@@ -64,6 +64,13 @@ def test_heldout_prompts_cover_every_direction():
     assert len(prompts) == 64 and {parse_video_caption(p)[2] for p in prompts} == set(DIRECTIONS)
 
 
+def test_bench_uses_the_video_prompts_for_testbed_wan():
+    from diffusion_accel.prompts import bench_prompts
+
+    assert bench_prompts("testbed:wan", 8) == list(heldout_video_prompts())[:8]
+    assert "moving" not in bench_prompts("testbed:pixart", 8)[0]
+
+
 def test_judge_reads_real_clips_per_direction():
     per_direction = _clips_per_direction(30)
     for direction, clips in per_direction.items():
