@@ -16,6 +16,7 @@ flickers). Both are proxies of VBench's numbers; compare them only with the real
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,18 @@ import torch
 VBENCH_DIMS = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
                "dynamic_degree")
 NUM_REFERENCE_CLIPS = 256
+
+
+@lru_cache(maxsize=2)
+def reference_statistics(count: int = NUM_REFERENCE_CLIPS) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of shapes-net features of every frame of the first ``count`` real validation clips: the
+    reference of FID-shapes over frames (the image testbed's cached statistics describe other pictures)."""
+    from ...eval.frechet import feature_statistics
+    from .shapes_net import features
+    from .video_data import SPLIT_VAL, make_clips
+
+    reference, _ = make_clips(SPLIT_VAL, 0, count)
+    return feature_statistics(features(_frames(reference)))
 
 
 def thumbnail_features(frames: np.ndarray) -> np.ndarray:
@@ -86,11 +99,10 @@ def evaluate_wan(path: str | Path | None = None, num_prompts: int = 64, seed: in
                  **overrides: Any) -> dict[str, Any]:
     """Generate the held-out prompts with the shipped (or a given) ``testbed:wan`` and score them against the real
     clips of the same prompts."""
-    from ...eval.frechet import feature_statistics
     from ...eval.paired import proportion_ci
     from ...loading import load_pipeline
-    from .shapes_net import adherence, features, fid_shapes
-    from .video_data import SPLIT_HELDOUT, SPLIT_VAL, heldout_video_prompts, make_clips
+    from .shapes_net import adherence, fid_shapes
+    from .video_data import SPLIT_HELDOUT, heldout_video_prompts, make_clips
     from .video_judge import judge_clips, video_scores
     from .wan import SAMPLER_CONTRACT
 
@@ -102,8 +114,7 @@ def evaluate_wan(path: str | Path | None = None, num_prompts: int = 64, seed: in
     seconds = time.time() - start
     real, _ = make_clips(SPLIT_HELDOUT, 0, len(prompts))
     reconstructed = reconstruct(pipe.vae, real)
-    reference, _ = make_clips(SPLIT_VAL, 0, NUM_REFERENCE_CLIPS)
-    stats = feature_statistics(features(_frames(reference)))
+    stats = reference_statistics(NUM_REFERENCE_CLIPS)
     result: dict[str, Any] = {"name": "wan", "num_prompts": len(prompts),
                               "call_kwargs": {**SAMPLER_CONTRACT, **overrides}, "generation_seconds": seconds}
     for label, clips in (("generated", generated), ("real", real), ("vae_reconstruction", reconstructed)):

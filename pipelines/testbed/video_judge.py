@@ -118,3 +118,20 @@ def video_scores(verdicts: Sequence[ClipVerdict]) -> dict[str, float]:
         "direction": float(np.mean([v.direction_ok for v in verdicts])),
         "all": float(np.mean([v.all_ok for v in verdicts])),
     }
+
+
+def video_verdicts_and_features(clips: np.ndarray, prompts: Sequence[str],
+                                net=None) -> tuple[list[bool], np.ndarray] | None:
+    """What the bench needs for a video testbed: per-clip all-three verdicts and shapes-net features of every frame
+    ``[N * T, 256]`` (float64; row ``i * T + t`` is frame ``t`` of clip ``i``, so rows pair up across methods run on
+    the same prompts and seeds). ``None`` when the prompts are not video captions (no judge applies)."""
+    from .shapes_net import features
+
+    try:
+        for prompt in prompts:
+            parse_video_caption(prompt)
+    except ValueError:
+        return None
+    clips = np.asarray(clips)
+    flags = [v.all_ok for v in judge_clips(clips, prompts, net)]
+    return flags, features(clips.reshape(-1, *clips.shape[2:]), net)

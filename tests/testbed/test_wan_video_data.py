@@ -91,3 +91,14 @@ def test_judge_fails_still_reversed_and_wrong_colour_clips():
     assert verdict.shape_ok and verdict.direction_ok and not verdict.colour_ok and not verdict.all_ok
     verdict = judge_clips(still[None], [clip.caption])[0]
     assert verdict.colour_ok and not verdict.direction_ok
+
+
+def test_bench_judges_video_testbed_clips():
+    from diffusion_accel.bench import _shape_metrics
+
+    frames, clips = make_clips(SPLIT_HELDOUT, 0, 3)
+    flags, features = _shape_metrics(frames, [c.caption for c in clips])
+    assert flags == [True, True, True] and features.shape == (3 * NUM_FRAMES, 256)
+    wrong = [video_caption(c.colour, c.shape, "up" if c.direction != "up" else "down") for c in clips]
+    assert _shape_metrics(frames, wrong)[0] == [False, False, False]
+    assert _shape_metrics(frames, ["a red circle"] * 3) is None  # not the video testbed's captions
