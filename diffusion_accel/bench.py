@@ -197,10 +197,16 @@ def fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def _shape_metrics(images: np.ndarray, prompts: list[str]) -> tuple[list[bool], np.ndarray] | None:
-    """Per-image adherence verdicts and shapes-net features of testbed images (``None`` for videos)."""
-    if images.ndim != 4:
-        return None
+    """Per-image adherence verdicts and shapes-net features of testbed images; for clips of the video testbed
+    (captions "a red circle moving left") the video judge's per-clip verdicts (colour, shape and direction all right)
+    and the features of every frame; ``None`` for other videos."""
     try:
+        if images.ndim == 5:
+            from .pipelines.testbed.video_judge import video_verdicts_and_features
+
+            return video_verdicts_and_features(images, prompts)
+        if images.ndim != 4:
+            return None
         from .pipelines.testbed.shapes_net import verdicts_and_features
     except ImportError:
         return None
@@ -208,12 +214,18 @@ def _shape_metrics(images: np.ndarray, prompts: list[str]) -> tuple[list[bool], 
 
 
 def _quality_stats(metrics: dict[str, tuple[list[bool], np.ndarray]], base: str,
-                   fid_resamples: int) -> dict[str, dict[str, Any]]:
-    """Per label: adherence, the paired comparison with the baseline, FID-shapes with bootstrap intervals."""
+                   fid_resamples: int, videos: bool = False) -> dict[str, dict[str, Any]]:
+    """Per label: adherence, the paired comparison with the baseline, FID-shapes with bootstrap intervals (over the
+    frames of real video-testbed clips when ``videos``, else the cached real images)."""
     from .eval.paired import fid_bootstrap, paired_summary
     from .pipelines.testbed.shapes_net import load_real_statistics
 
-    mu, sigma = load_real_statistics()
+    if videos:
+        from .pipelines.testbed.evaluate_video import reference_statistics
+
+        mu, sigma = reference_statistics()
+    else:
+        mu, sigma = load_real_statistics()
     base_flags, base_features = metrics[base]
     out = {}
     for label, (flags, feats) in metrics.items():
@@ -489,7 +501,8 @@ def run_bench(
                 times[spec.label].append(time.perf_counter() - start)
 
     base = "baseline"
-    quality = _quality_stats(metrics, base, fid_resamples) if base in metrics else {}
+    quality = (_quality_stats(metrics, base, fid_resamples, videos=images[base].ndim == 5) if base in metrics
+               else {})
     results: dict[str, dict[str, Any]] = {}
     for spec in runnable:
         psnr, ssim = (math.inf, 1.0) if spec.label == base else fidelity(images[spec.label], images[base])

@@ -40,7 +40,8 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
 
     * ``tiny:<family>``: a tiny random pipeline built offline (``diffusion_accel.testing.FAMILIES``);
       ``seed=`` picks its weights.
-    * ``testbed:<name>``: a shipped tiny trained pipeline (``testbed:pixart``, ``testbed:flow``); ``tier="speed"``
+    * ``testbed:<name>``: a shipped tiny trained pipeline (``testbed:pixart``, ``testbed:flow``, the video
+      ``testbed:wan``); ``tier="speed"``
       gives the compute-realistic random-weight preset of the same architecture.
     * anything else goes to ``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)``; a folder saved with a
       sampler contract (:mod:`diffusion_accel.pipelines.contract`) loads as its contract class, so a call with only

@@ -39,10 +39,15 @@ GENERAL_PROMPTS: tuple[str, ...] = (
 
 def bench_prompts(pipeline: str, count: int, prompts_file: str | None = None) -> list[str]:
     """``count`` prompts for the bench and the diagnostics: the first ``count`` lines of ``prompts_file``; else the
-    testbed's held-out prompts for ``testbed:`` pipelines; else :data:`SHAPE_PROMPTS`, repeated as needed."""
+    testbed's held-out prompts for ``testbed:`` pipelines (the video testbed's own, "a red circle moving left", for
+    ``testbed:wan``, whose tokenizer knows no position words); else :data:`SHAPE_PROMPTS`, repeated as needed."""
     if prompts_file:
         lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         return lines[:count]
+    if pipeline == "testbed:wan":
+        from .pipelines.testbed.video_data import heldout_video_prompts
+
+        return list(heldout_video_prompts(count))
     if pipeline.startswith("testbed:"):
         try:
             from .pipelines.testbed.shapes import heldout_prompts

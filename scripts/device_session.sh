@@ -3,7 +3,8 @@
 #   1. the Triton block-sparse kernel compiled for real: correctness vs the fp32 reference, then timings against
 #      dense SDPA (FlashAttention / cuDNN / efficient) at Wan's video token counts (diffusion_accel.kernels.bench_cuda);
 #   2. the two testbed pipelines trained on the GPU with the same command as on CPU (accelerate picks the device),
-#      both at once (tiny models leave the GPU mostly idle).
+#      both at once (tiny models leave the GPU mostly idle); NAMES="wan" (or "pixart flow wan") trains the video
+#      testbed with its GPU recipe instead (train_wan.WAN_RECIPES["shipped"]; comes back as wan.tgz).
 # Env: TRAIN_MIN, LR, BATCH, NUM_TRAIN, KERNEL_S (0 skips the kernels), INIT_PREFIX (continue from <INIT_PREFIX><name>,
 # e.g. assets/testbed-), FLOW_LOW_RES (flow: share of steps at half resolution), NAMES (default "pixart flow").
 # Results land flat in $OUT (at most 8 files come back). Needs .whl/ with diffusers and importlib_metadata wheels.
@@ -24,6 +25,16 @@ if [ "${KERNEL_S:-150}" != 0 ]; then
   echo "kernel bench exit $?" | tee -a "$OUT/kernels.log"
 fi
 for name in ${NAMES:-pixart flow}; do
+  if [ "$name" = wan ]; then  # the video testbed: its own VAE, then the pipeline (recipe "shipped", ~10 min)
+    (
+      timeout 1200 python3 -m diffusion_accel.pipelines.testbed.train wan /tmp/tb-wan --recipe shipped \
+        >"$OUT/train_wan.log" 2>&1
+      echo "train exit $?" >>"$OUT/train_wan.log"
+      # one file back: the whole pipeline folder and the VAE's run folder (replace assets/testbed-wan with tb-wan)
+      tar -C /tmp -czf "$OUT/wan.tgz" tb-wan tb-wan-vae
+    ) &
+    continue
+  fi
   (
     timeout $(( ${TRAIN_MIN%.*} * 60 + 200 )) python3 -m diffusion_accel.pipelines.testbed.train "$name" "/tmp/tb-$name" \
       --vae-path "$REPO/assets/testbed-pixart/vae" --minutes "$TRAIN_MIN" --steps 1000000 --batch-size "${BATCH:-512}" \

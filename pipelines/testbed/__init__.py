@@ -1,4 +1,5 @@
-"""The testbed: procedural shapes data, the shapes-net classifier and metrics, and two tiny trained pipelines.
+"""The testbed: procedural shapes data, the shapes-net classifier and metrics, tiny trained image pipelines and a
+tiny trained video pipeline (``testbed:wan``).
 
 Modules (import them directly; nothing heavy is imported here):
 
@@ -8,4 +9,6 @@ Modules (import them directly; nothing heavy is imported here):
 * :mod:`.models`: architectures of the trained tier and the random-weight speed tier (``build_speed_pipeline``).
 * :mod:`.train` (+ ``train_classifier``, ``train_vae``, ``train_diffusion``, ``train_common``): ``train(name, dir)``.
 * :mod:`.registry`: ``TESTBED_NAMES``, ``testbed_path``, default call arguments; :mod:`.evaluate`; :mod:`.cli`.
+* Video: :mod:`.video_data` (moving-shape clips), :mod:`.video_judge` (colour, shape, direction), :mod:`.wan`
+  (the ``WanPipeline`` and its speed tier), :mod:`.train_wan`, :mod:`.evaluate_video`.
 """

@@ -33,11 +33,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Adherence + FID-shapes of a testbed pipeline on the held-out prompts, as a table and JSON."""
-    from .evaluate import evaluate_pipeline
-
     overrides: dict[str, Any] = {}
     if args.steps is not None:
         overrides["num_inference_steps"] = args.steps
+    if args.name == "wan":
+        return _eval_video(args, overrides)
+    from .evaluate import evaluate_pipeline
+
     result = evaluate_pipeline(args.name, args.path, num_prompts=args.prompts, seed=args.seed, **overrides)
     print(f"{'testbed':<10}{'steps':>6}{'adherence':>11}{'FID-shapes':>12}{'real floor':>12}")
     print(f"{result['name']:<10}{result['call_kwargs']['num_inference_steps']:>6}{result['adherence']:>11.3f}"
@@ -50,13 +52,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_video(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """The video testbed: adherence per attribute, FID-shapes over frames, VBench-style dims, real clips beside."""
+    from .evaluate_video import evaluate_wan, format_table
+
+    result = evaluate_wan(args.path, num_prompts=args.prompts, seed=args.seed, **overrides)
+    print(format_table(result))
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
 def add_testbed_parser(subparsers: Any) -> None:
     """Register ``testbed train`` / ``testbed eval`` on the main CLI's sub-parsers."""
     from .models import TESTBED_NAMES
+    from .registry import VIDEO_TESTBED_NAMES
 
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
-    tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, pixart, flow)")
+    tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, pixart, flow, wan)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder)")
     tr.add_argument("--minutes", type=float, default=None,
@@ -65,11 +82,12 @@ def add_testbed_parser(subparsers: Any) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
     tr.add_argument("--recipe", default=None, choices=("shipped", "cpu"),
-                    help="pixart/flow: 'shipped' (the GPU stages behind the assets; default on a GPU) or 'cpu' "
-                         "(one stage sized for ~1 h on 2 cores; default without a GPU)")
+                    help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "
+                         "wan ~45 min, on 2 cores; default without a GPU)")
     tr.set_defaults(func=cmd_train)
-    ev = sub.add_parser("eval", help="prompt adherence and FID-shapes on the 64 held-out prompts")
-    ev.add_argument("name", choices=TESTBED_NAMES)
+    ev = sub.add_parser("eval", help="prompt adherence and FID-shapes on the 64 held-out prompts (wan: per "
+                                     "attribute, with VBench-style dims and the real clips beside)")
+    ev.add_argument("name", choices=(*TESTBED_NAMES, *VIDEO_TESTBED_NAMES))
     ev.add_argument("--path", default=None, help="pipeline folder (default: the shipped one)")
     ev.add_argument("--prompts", type=int, default=64)
     ev.add_argument("--steps", type=int, default=None, help="override the default number of steps")

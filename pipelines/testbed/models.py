@@ -130,8 +130,13 @@ def build_speed_pipeline(name: str, seed: int = 0):
     """The compute-realistic preset: the testbed's architecture at speed-tier size, random weights.
 
     PixArt: 14 blocks, hidden 384, 256 image tokens at 128x128 (its default size). Flux: 4 dual + 10 single blocks,
-    hidden 384, 256 image tokens at 128x128 plus 32 text tokens (:func:`speed_call_kwargs`).
+    hidden 384, 256 image tokens at 128x128 plus 32 text tokens (:func:`speed_call_kwargs`). Wan: see
+    :func:`.wan.build_speed_pipeline` (17 160 video tokens).
     """
+    if name == "wan":
+        from .wan import build_speed_pipeline as build_wan_speed_pipeline
+
+        return build_wan_speed_pipeline(seed)
     transformer = build_transformer(name, "speed", seed).eval()
     vae = build_vae(seed, shift_factor=0.0).eval()  # FluxPipeline needs a shift factor; PixArt ignores it
     contract = {**SAMPLER_CONTRACTS[name], **speed_call_kwargs(name)}
@@ -141,6 +146,10 @@ def build_speed_pipeline(name: str, seed: int = 0):
 
 def speed_call_kwargs(name: str) -> dict[str, Any]:
     """Call arguments that give the speed tier its intended token count."""
+    if name == "wan":
+        from .wan import speed_call_kwargs as wan_speed_call_kwargs
+
+        return wan_speed_call_kwargs()
     if name == "pixart":
         return {"height": 128, "width": 128, "use_resolution_binning": False, "clean_caption": False}
     # 256 image tokens + 32 text tokens: FLUX.1's 8:1 image:text token ratio at 1024x1024 (4096 + 512). With the

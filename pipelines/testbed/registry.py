@@ -8,8 +8,11 @@ from typing import Any
 from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
-__all__ = ["REBUILT_NAMES", "RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "asset_dir_name",
-           "default_call_kwargs", "testbed_path"]
+__all__ = ["REBUILT_NAMES", "RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "VIDEO_TESTBED_NAMES",
+           "asset_dir_name", "default_call_kwargs", "testbed_path"]
+
+#: Video testbeds (:mod:`.wan`): trained like the image ones, judged by :mod:`.video_judge`.
+VIDEO_TESTBED_NAMES: tuple[str, ...] = ("wan",)
 
 #: Students distilled from a testbed pipeline (``diffusion-accel train``): name → the recipe that made them. Each
 #: folder carries its own sampler contract (scheduler, steps, guidance off).
@@ -34,7 +37,7 @@ def asset_dir_name(name: str) -> str:
 
 
 def _check(name: str) -> None:
-    known = (*TESTBED_NAMES, *STUDENT_NAMES, *RESTORATION_NAMES, *REBUILT_NAMES)
+    known = (*TESTBED_NAMES, *VIDEO_TESTBED_NAMES, *STUDENT_NAMES, *RESTORATION_NAMES, *REBUILT_NAMES)
     if name not in known:
         raise ValueError(f"Unknown testbed {name!r}; choose one of {', '.join(known)}.")
 
@@ -81,4 +84,8 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
 
         index = json.loads((testbed_path(name) / "model_index.json").read_text())
         return dict(index.get(CONTRACT_KEY) or {})
+    if name in VIDEO_TESTBED_NAMES:
+        from .wan import SAMPLER_CONTRACT
+
+        return dict(SAMPLER_CONTRACT)
     return dict(SAMPLER_CONTRACTS[name])

@@ -48,8 +48,10 @@ DIRECTIONS: dict[str, tuple[float, float]] = {"right": (1.0, 0.0), "left": (-1.0
                                               "down": (0.0, 1.0)}
 
 #: Split → stream code. "judge" holds the training images of the independent classifier ``shapes-judge`` (disjoint
-#: from shapes-net's "train" images and from every evaluation split).
-SPLITS: dict[str, int] = {"train": 1, "val": 2, "heldout": 3, "video": 4, "test": 5, "judge": 6}
+#: from shapes-net's "train" images and from every evaluation split); "wan-*" are the video testbed's clips
+#: (:mod:`.video_data`).
+SPLITS: dict[str, int] = {"train": 1, "val": 2, "heldout": 3, "video": 4, "test": 5, "judge": 6,
+                          "wan-train": 7, "wan-val": 8, "wan-heldout": 9}
 NUM_HELDOUT = 64
 _SUPERSAMPLE = 4
 _CELL = IMAGE_SIZE / GRID

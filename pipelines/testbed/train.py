@@ -2,7 +2,8 @@
 
 Names: ``"shapes-net"`` (classifier), ``"shapes-judge"`` (the independent second classifier), ``"vae"`` (the
 shared AutoencoderKL), ``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
-``<output_dir>/../testbed-vae`` unless ``vae_path`` is given).
+``<output_dir>/../testbed-vae`` unless ``vae_path`` is given), ``"wan"`` (the video testbed with its own
+``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
 """
 
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "pixart", "flow")
+TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "pixart", "flow", "wan")
 
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
@@ -36,6 +37,11 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
         if kwargs:  # one explicit stage
             return train_vae(output_dir, seed=seed, minutes=minutes, **kwargs)
         return train_vae_recipe(output_dir, seed=seed, minutes=minutes)
+    if name == "wan":
+        from .train_wan import train_wan_recipe
+
+        return train_wan_recipe(output_dir, recipe=kwargs.pop("recipe", None) or default_recipe(), seed=seed,
+                                minutes=minutes, **kwargs)
     if name in ("pixart", "flow"):
         from .train_diffusion import train_pipeline
 

@@ -1,0 +1,98 @@
+"""``testbed:wan``: the shipped WanPipeline loads offline and generates clips, its speed tier has the token count
+sparse attention needs, and ``diffusion-accel testbed eval wan`` prints the video table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusion_accel.pipelines.testbed import registry, wan
+
+
+def test_loads_by_name_and_with_from_pretrained():
+    import diffusers
+    from transformers import UMT5EncoderModel
+
+    from diffusion_accel.loading import load_pipeline
+
+    pipe = load_pipeline("testbed:wan")
+    assert isinstance(pipe, diffusers.WanPipeline) and type(pipe).__name__ == "WanPipelineWithContract"
+    assert isinstance(pipe.vae, diffusers.AutoencoderKLWan)
+    assert isinstance(pipe.transformer, diffusers.WanTransformer3DModel)
+    assert isinstance(pipe.text_encoder, UMT5EncoderModel)
+    assert pipe.vae.config.latents_std != [1.0] * wan.Z_DIM  # trained statistics, not the defaults
+    again = diffusers.DiffusionPipeline.from_pretrained(str(registry.testbed_path("wan")), trust_remote_code=True)
+    assert type(again).__name__ == "WanPipelineWithContract"
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(["a red circle moving left", "a blue square moving up"], num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert np.asarray(frames).shape == (2, 9, 64, 64, 3)  # the contract's size and frame count
+    assert np.asarray(frames).std() > 0.02
+
+
+def test_every_caption_word_is_one_token():
+    from diffusion_accel.pipelines.testbed.video_data import vocabulary
+
+    tokenizer = wan.umt5_tokenizer()
+    for word in vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_text_encoder_separates_the_attributes():
+    encoder, tokenizer = wan.build_umt5(0)
+    prompts = ["a red circle moving left", "a red circle moving right", "a green circle moving left"]
+    ids = tokenizer(prompts, return_tensors="pt").input_ids
+    out = encoder(ids).last_hidden_state
+    assert not torch.allclose(out[0], out[1], atol=1e-3) and not torch.allclose(out[0], out[2], atol=1e-3)
+
+
+def test_speed_tier_has_16k_tokens():
+    from diffusion_accel.loading import base_call_kwargs, load_pipeline
+
+    pipe = load_pipeline("testbed:wan", tier="speed")
+    kwargs = base_call_kwargs("testbed:wan", tier="speed")
+    patch = pipe.transformer.config.patch_size
+    frames = 1 + (kwargs["num_frames"] - 1) // pipe.vae_scale_factor_temporal
+    tokens = (frames // patch[0] * kwargs["height"] // pipe.vae_scale_factor_spatial // patch[1]
+              * kwargs["width"] // pipe.vae_scale_factor_spatial // patch[2])
+    assert tokens >= 16384 and tokens == wan.latent_tokens(kwargs["height"], kwargs["width"], kwargs["num_frames"])
+    assert type(pipe.transformer) is type(load_pipeline("testbed:wan").transformer)
+    assert pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim == 384
+    with pytest.raises(ValueError, match="4k"):
+        wan.latent_tokens(64, 64, 8)
+
+
+def test_eval_cli_prints_the_video_table(tmp_path, capsys, monkeypatch):
+    from diffusion_accel.pipelines.testbed import evaluate_video
+
+    from diffusion_accel.cli import main
+
+    monkeypatch.setattr(evaluate_video, "NUM_REFERENCE_CLIPS", 32)  # FID reference: 288 frames are enough here
+
+    out = tmp_path / "wan.json"
+    assert main(["testbed", "eval", "wan", "--prompts", "2", "--steps", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("adherence direction", "adherence all", "FID-shapes over frames", "motion smoothness",
+                "dynamic degree", "subject consistency", "VAE recon"):
+        assert row in table
+    result = json.loads(out.read_text())
+    assert result["num_prompts"] == 2 and result["call_kwargs"]["num_inference_steps"] == 2
+    assert result["real"]["adherence"] == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
+    assert result["real"]["vbench"]["dynamic_degree"] == 1.0
+    assert set(result["generated"]["vbench"]) == set(result["real"]["vbench"])
+    assert set(result["vae_reconstruction"]) == set(result["real"])
+
+
+def test_vae_loss_weights_the_object_pixels():
+    from diffusion_accel.pipelines.testbed.train_wan import FOREGROUND_WEIGHT, clips_to_tensor, foreground_weights
+    from diffusion_accel.pipelines.testbed.video_data import make_clips
+
+    frames, clips = make_clips("wan-train", 0, 2)
+    weights = foreground_weights(clips_to_tensor(frames))
+    assert weights.shape == (2, 1, 9, 64, 64) and set(weights.unique().tolist()) == {1.0, FOREGROUND_WEIGHT}
+    for i, clip in enumerate(clips):  # heavy exactly around the object's centre, light in the corners
+        x, y = np.round(clip.track[4]).astype(int)
+        assert weights[i, 0, 4, y, x] == FOREGROUND_WEIGHT and weights[i, 0, 4, 0, 0] == 1.0
+        assert 0.01 < (weights[i] > 1).float().mean() < 0.2
