@@ -198,14 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, flags)
     pareto(rows, out / "pareto_bfm.png")
 
+    (out / "bfm.json").write_text(json.dumps(report, indent=2, default=_json_default))  # before the long part
+
     stacked: dict[str, Any] = {}
     if not args.no_stacking:
         specs = ",".join(["baseline", *STACKED])
+        prompts_file = out / "prompts.txt"  # the held-out prompts for a folder too (not only testbed: names)
+        prompts_file.write_text("\n".join(prompts) + "\n")
         for tag, name in (("testbed:bfm", "testbed:bfm"), ("testbed:bfm + FRA", str(runs / "k4-frn"))):
             if name != "testbed:bfm" and not (Path(name) / "model_index.json").exists():
                 continue
-            bench = run_bench(name, specs, num_prompts=len(prompts), repeats=3, size=64, steps=28,
-                              guidance_scale=4.0, out_dir=out / tag.replace(" ", "").replace("+", "_"),
+            bench = run_bench(name, specs, num_prompts=len(prompts), prompts_file=str(prompts_file), repeats=3,
+                              size=64, steps=28, guidance_scale=4.0,
+                              out_dir=out / tag.replace(" ", "").replace("+", "_").replace(":", "_"),
                               shape_metrics=True, cache_dir=None, batch_size=16)
             stacked[tag] = bench
             table += f"\n\n**{tag}: Δ-cache and AG on top**\n\n" + markdown_table(bench)

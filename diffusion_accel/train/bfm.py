@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .options import TrainOptions
+from .options import LR_SCHEDULERS, TrainOptions
 from .recipe import Recipe
 
 #: The frozen encoder of semantic feature guidance (see the module docstring).
@@ -51,8 +51,7 @@ class BFMOptions(TrainOptions):
         "help": "the FluxPipeline whose VAE, text encoders, scheduler and sampler contract the model is trained "
                 "and sampled with (its transformer is not used)"})
     learning_rate: float = 8e-4
-    lr_scheduler: str = field(default="cosine", metadata={"choices": (
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")})
+    lr_scheduler: str = field(default="cosine", metadata={"choices": LR_SCHEDULERS})
     lr_warmup_steps: int = 200
     train_batch_size: int = 32
     adam_weight_decay: float = 0.01
@@ -311,8 +310,7 @@ class FRNOptions(TrainOptions):
         "help": "unused: the VAE, text encoders and scheduler come from --pretrained_model"})
     frn_single_layers: int = field(default=1, metadata={"help": "FRN depth (single-stream blocks; paper 4)"})
     learning_rate: float = 5e-4
-    lr_scheduler: str = field(default="cosine", metadata={"choices": (
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")})
+    lr_scheduler: str = field(default="cosine", metadata={"choices": LR_SCHEDULERS})
     lr_warmup_steps: int = 50
     train_batch_size: int = 32
     num_train_samples: int = 20000

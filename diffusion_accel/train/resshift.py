@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .options import TrainOptions
+from .options import LR_SCHEDULERS, TrainOptions
 from .recipe import Recipe
 
 OBJECTIVES = ("resshift", "regression", "ddpm")
@@ -41,8 +41,7 @@ class ResShiftOptions(TrainOptions):
     pretrained_teacher_model: str = field(default="testbed:pixart", metadata={
         "help": "the pipeline whose VAE defines the latent space (its vae/ folder); nothing else is used"})
     learning_rate: float = 5e-4
-    lr_scheduler: str = field(default="cosine", metadata={"choices": (
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")})
+    lr_scheduler: str = field(default="cosine", metadata={"choices": LR_SCHEDULERS})
     lr_warmup_steps: int = 100
     train_batch_size: int = 32
     objective: str = field(default="resshift", metadata={"choices": OBJECTIVES})

@@ -44,12 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'testbed':<10}{'steps':>6}{'adherence':>11}{'FID-shapes':>12}{'real floor':>12}")
     print(f"{result['name']:<10}{result['call_kwargs']['num_inference_steps']:>6}{result['adherence']:>11.3f}"
           f"{result['fid_shapes']:>12.2f}{result['fid_shapes_real_floor']:>12.2f}")
-    text = json.dumps(result, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text)
-    else:
-        print(text)
-    return 0
+    return _emit(result, args.json)
 
 
 def _eval_video(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -58,9 +53,14 @@ def _eval_video(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     result = evaluate_wan(args.path, num_prompts=args.prompts, seed=args.seed, **overrides)
     print(format_table(result))
+    return _emit(result, args.json)
+
+
+def _emit(result: dict[str, Any], json_path: str | None) -> int:
+    """The evaluation's JSON: to ``json_path``, or printed below the table."""
     text = json.dumps(result, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text)
+    if json_path:
+        Path(json_path).write_text(text)
     else:
         print(text)
     return 0

@@ -144,3 +144,16 @@ def cosine_lr(step: int, total: int, warmup: int = 100, floor: float = 0.1, prog
         progress = (step - warmup) / max(1, total - warmup)
     progress = min(1.0, progress)
     return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def save_ema_pipeline(pipe, ema: EMA, output_dir: Path) -> None:
+    """Put the EMA weights into ``pipe`` as its transformer and ``save_pretrained`` it to ``output_dir`` (replaced
+    when it exists), on the CPU."""
+    import shutil
+
+    pipe.transformer = ema.model.eval()
+    pipe.register_modules(transformer=pipe.transformer)
+    pipe.to("cpu")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    pipe.save_pretrained(str(output_dir))

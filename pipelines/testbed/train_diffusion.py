@@ -13,7 +13,6 @@ the weights, and save the whole pipeline with ``save_pretrained`` (the VAE and t
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from .train_common import (
     make_accelerator,
     optimizer_step,
     report_metrics,
+    save_ema_pipeline,
     setup_torch,
 )
 
@@ -278,12 +278,7 @@ def train_pipeline(name: str, output_dir: str | Path, seed: int = 0, minutes: fl
                 f"({budget.elapsed_min():.1f} min)")
             running = []
     train_minutes = budget.elapsed_min()
-    pipe.transformer = ema.model.eval()
-    pipe.register_modules(transformer=pipe.transformer)
-    pipe.to("cpu")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    pipe.save_pretrained(str(output_dir))
+    save_ema_pipeline(pipe, ema, output_dir)
     metrics: dict[str, Any] = {"train_minutes": train_minutes, "steps": step + 1, "batch_size": batch_size,
                                "lr": lr, "num_train": num_train, "device": str(device),
                                **({"low_res_share": low_res_share} if low_res_share else {}),

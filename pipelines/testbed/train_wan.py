@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train_common import EMA, Budget, log, make_accelerator, optimizer_step, report_metrics, setup_torch
+from .train_common import (
+    EMA,
+    Budget,
+    log,
+    make_accelerator,
+    optimizer_step,
+    report_metrics,
+    save_ema_pipeline,
+    setup_torch,
+)
 from .video_data import SPLIT_TRAIN, SPLIT_VAL, make_clips
 
 CAPTION_DROPOUT = 0.1
@@ -261,12 +269,7 @@ def train_wan_transformer(output_dir: str | Path, vae_path: str | Path, seed: in
             gain = f" caption gain {caption_gain(model, objective, caption_idx):.3f}" if step % 1000 == 0 else ""
             log(f"wan step {step} loss {torch.stack(running).mean().item():.4f}{gain} ({budget.elapsed_min():.1f} min)")
             running = []
-    pipe.transformer = ema.model.eval()
-    pipe.register_modules(transformer=pipe.transformer)
-    pipe.to("cpu")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    pipe.save_pretrained(str(output_dir))
+    save_ema_pipeline(pipe, ema, output_dir)
     metrics = {"train_minutes": budget.elapsed_min(), "steps": step + 1, "batch_size": batch_size, "lr": lr,
                "num_train": num_train, "device": str(device),
                "caption_gain": caption_gain(pipe.transformer.to(device), objective, caption_idx),
