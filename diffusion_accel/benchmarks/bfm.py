@@ -183,14 +183,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[label]['fid_shapes']:.1f}, {rows[label]['macs_per_image'] / 1e9:.3f} GMACs", flush=True)
     for label, seconds in wall_per_image(pipes, prompts[0], args.repeats).items():
         rows[label]["wall_seconds"] = seconds
-    for label, row in rows.items():
-        images = row.pop("_images")
-        if label != ROWS[0][0]:
-            from PIL import Image
+    from PIL import Image
 
-            grid = images[:16].reshape(2, 8, *images.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(
-                2 * images.shape[1], 8 * images.shape[2], 3)
-            Image.fromarray(grid).save(out / f"grid_{label.split(',')[0].replace(' ', '_').replace('+', 'p')}.png")
+    for index, row in enumerate(rows.values()):  # the first 16 prompts of each row, named by its table number
+        images = row.pop("_images")
+        grid = images[:16].reshape(2, 8, *images.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(
+            2 * images.shape[1], 8 * images.shape[2], 3)
+        Image.fromarray(grid).save(out / f"grid_{index}.png")
     flags = {label: flag for label, _, flag in present}
     report: dict[str, Any] = {"prompts": len(prompts), "runs": str(runs), "rows": rows, "missing_rows": missing,
                               "training": {label: _training_record(name) for label, name, _ in present},
