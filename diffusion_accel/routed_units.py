@@ -51,6 +51,11 @@ class _UnitHook(ModelHook):
             self.io = BlockIO.for_module(module)
         return module
 
+    # Not traced by Dynamo: the decision reads the step's schedule (Python state that changes every step), so under
+    # regional compile each step would recompile this frame until Dynamo's recompile limit sends it back to eager
+    # partway through the first call, and that call's float math would differ from every later one. Eager here, the
+    # rest of the block stays compiled, and every call runs the same code.
+    @torch.compiler.disable
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.runtime.unit_forward(self, args, kwargs)
 
