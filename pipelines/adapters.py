@@ -528,6 +528,7 @@ def find_adapter(pipe: Any) -> ModelAdapter:
     )
 
 
-def _denoiser_class(pipe: Any, adapter: ModelAdapter) -> str:
-    denoiser = getattr(pipe, adapter.denoiser, None)
-    return type(getattr(denoiser, "_orig_mod", denoiser)).__name__
+def _denoiser_class(pipe: Any, adapter: ModelAdapter) -> str | None:
+    if getattr(pipe, adapter.denoiser, None) is None:
+        return None
+    return type(adapter.get_denoiser(pipe)).__name__

@@ -26,7 +26,6 @@ without gradient.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,16 +101,14 @@ class FlowTrainingData:
     def __init__(self, pipe: Any, images: np.ndarray, captions: list[str], device: torch.device):
         from ..diffusers_internals import prepare_latent_image_ids
         from ..pipelines.testbed.train_diffusion import encode_flux_text
-        from .teachers import teacher_family
+        from .teachers import caption_table, teacher_family
 
         family = teacher_family(pipe)
         latents = family.encode_images(images)  # packed, model space (shift and scale applied)
         self.x0 = latents.to(device)
         h, w = family._grid
         self.img_ids = prepare_latent_image_ids(type(pipe), 1, h // 2, w // 2, device, torch.float32)
-        unique = ["", *sorted(set(captions) - {""})]
-        row_of = {c: i for i, c in enumerate(unique)}
-        self.caption_rows = torch.tensor([row_of[c] for c in captions], device=device)
+        unique, self.caption_rows = caption_table(captions, device)
         rows, log_counts, pooled = encode_flux_text(pipe, unique)
         self.text, self.log_counts, self.pooled = rows.to(device), log_counts.to(device), pooled.to(device)
         self.txt_ids = torch.zeros(self.text.shape[1], 3, device=device)
@@ -143,23 +140,24 @@ def encoder_token_features(images: np.ndarray, device: torch.device, batch: int 
     return torch.cat(out).to(device)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    online = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(list(ema.parameters()), online, 1.0 - decay)
-
-
 class _FlowRecipeBase(Recipe):
     """What both stages share: the frozen pipeline, the encoded data, validation and the saved pipeline."""
+
+    #: The option naming the pipeline whose VAE, text encoders, scheduler and contract the model uses.
+    source_option = "pretrained_teacher_model"
+
+    @property
+    def source(self) -> str:
+        return getattr(self.options, self.source_option)
 
     def load_teacher(self) -> None:
         from .teachers import load_teacher_pipeline
 
-        self.pipe, self.family, self.contract = load_teacher_pipeline(self.options.pretrained_teacher_model,
-                                                                      self.accelerator.device)
+        self.pipe, self.family, self.contract = load_teacher_pipeline(self.source, self.accelerator.device)
         if type(self.family).__name__ != "FluxTeacher":
             raise ValueError(f"{self.name} trains models for a FluxPipeline (packed latents, T5 + CLIP text); "
-                             f"{self.options.pretrained_teacher_model} is a {type(self.pipe).__name__}. Use "
-                             "--pretrained_teacher_model testbed:flow or another FluxPipeline folder.")
+                             f"{self.source} is a {type(self.pipe).__name__}. Use --{self.source_option} "
+                             "testbed:flow or another FluxPipeline folder.")
 
     def load_data(self, with_features: bool) -> None:
         from .lcd import shapes_training_data
@@ -212,7 +210,7 @@ class _FlowRecipeBase(Recipe):
         pipe = self.pipeline_with(transformer.eval().requires_grad_(False).to("cpu"))
         pipe.to("cpu")
         pipe.save_pretrained(output_dir)
-        record = {**record, "pipeline_from": self.options.pretrained_teacher_model,
+        record = {**record, "pipeline_from": self.source,
                   "parameters": sum(p.numel() for p in transformer.parameters()),
                   "images_seen": self.options.max_train_steps * self.options.train_batch_size
                   * self.accelerator.num_processes * self.options.gradient_accumulation_steps}
@@ -260,12 +258,14 @@ class BFM(_FlowRecipeBase):
     def setup(self, stream_factory) -> torch.nn.Module:
         o: BFMOptions = self.options  # type: ignore[assignment]
         self.load_data(with_features=o.has_alignment)
+        from ..pipelines.testbed.train_common import EMA
+
         model = self.build_model().to(self.accelerator.device)
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ema = EMA(model, decay=o.ema_decay)  # the testbed trainer's warm-up form, as the option says
         return model.train()
 
     def checkpoint_objects(self) -> list[Any]:
-        return [self.ema]
+        return [self.ema.model]
 
     def loss(self, model, stream, step, micro):
         o: BFMOptions = self.options  # type: ignore[assignment]
@@ -283,18 +283,16 @@ class BFM(_FlowRecipeBase):
         loss = fm if proj is None else fm + o.proj_loss_weight * proj
         return loss, {"loss": float(loss.detach()), "fm_loss": float(fm.detach()), **logs}
 
-    @torch.no_grad()
     def after_optimizer_step(self, model, step):
-        decay = min(self.options.ema_decay, (1 + step) / (10 + step))
-        _ema_update(self.ema, self.accelerator.unwrap_model(model), decay)
+        self.ema.update(self.accelerator.unwrap_model(model), step)
         return {}
 
     def shipped_transformer(self, model):
-        return self.ema
+        return self.ema.model
 
     def save(self, model, output_dir: str) -> dict[str, Any]:
         o: BFMOptions = self.options  # type: ignore[assignment]
-        return self.write(self.ema, output_dir, {
+        return self.write(self.ema.model, output_dir, {
             "stage": "monolithic" if o.monolithic else "bfm", "num_segments": 1 if o.monolithic else o.num_segments,
             "alignment_encoder": ALIGNMENT_ENCODER if o.has_alignment else None,
             "proj_loss_weight": o.proj_loss_weight if o.has_alignment else None, "ema_decay": o.ema_decay})
@@ -330,10 +328,7 @@ class BFMFeatureResidual(_FlowRecipeBase):
     summary = "Blockwise Flow Matching, stage 2: feature residual network (R once per segment at inference)"
     artefact = "FluxPipeline with a BlockwiseFlowTransformer and its FRN"
     options_class = FRNOptions
-
-    def load_teacher(self) -> None:
-        self.options.pretrained_teacher_model = self.options.pretrained_model
-        super().load_teacher()
+    source_option = "pretrained_model"
 
     def check(self) -> None:
         from ..pipelines.bfm import BlockwiseFlowTransformer

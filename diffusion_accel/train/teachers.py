@@ -33,6 +33,13 @@ class Conditioning:
         return Conditioning({k: v.to(device) for k, v in self.tensors.items()}, self.pooled.to(device))
 
 
+def caption_table(captions: list[str], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The distinct captions (row 0 the empty one, the unconditional branch, then sorted) and each caption's row."""
+    unique = ["", *sorted(set(captions) - {""})]
+    row_of = {c: i for i, c in enumerate(unique)}
+    return unique, torch.tensor([row_of[c] for c in captions], device=device)
+
+
 class TeacherFamily:
     """Base class; see :func:`teacher_family` for the registered ones."""
 
@@ -64,9 +71,7 @@ class TeacherFamily:
     def encode_caption_table(self, captions: list[str], device: torch.device) -> tuple[Conditioning, torch.Tensor]:
         """Each distinct caption encoded once (row 0 the empty one, the unconditional branch) and, per caption,
         its row in that table."""
-        unique = ["", *sorted(set(captions) - {""})]
-        row_of = {c: i for i, c in enumerate(unique)}
-        rows = torch.tensor([row_of[c] for c in captions], device=device)
+        unique, rows = caption_table(captions, device)
         return self.encode_captions(unique).to(device), rows
 
     @torch.no_grad()
