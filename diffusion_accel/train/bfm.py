@@ -26,6 +26,7 @@ without gradient.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,13 +132,14 @@ def encoder_token_features(images: np.ndarray, device: torch.device, batch: int 
     as ``pack_latents`` orders the 2x2 latent patches)."""
     from ..pipelines.testbed.shapes_net import load_judge, to_tensor
 
-    judge = load_judge(ALIGNMENT_ENCODER)
+    # a copy on the training device (a GPU run encodes in seconds); the cached judge itself stays where it is
+    judge = copy.deepcopy(load_judge(ALIGNMENT_ENCODER)).to(device)
     out = []
     for i in range(0, len(images), batch):
-        x = to_tensor(list(images[i:i + batch])) * 2.0 - 1.0
+        x = to_tensor(list(images[i:i + batch])).to(device) * 2.0 - 1.0
         x = judge.stage2(judge.down(judge.stage1(judge.stem(x))))
         out.append(F.silu(judge.norm(x)).flatten(2).transpose(1, 2))
-    return torch.cat(out).to(device)
+    return torch.cat(out)
 
 
 class _FlowRecipeBase(Recipe):

@@ -158,12 +158,17 @@ def build_classifier(config: dict[str, Any]) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ loading
 def assets_root() -> Path:
     """The installed data package ``diffusion_accel.assets`` (falls back to the repository's ``assets/``)."""
-    try:
-        from importlib.resources import files
+    from importlib.util import find_spec
 
-        return Path(str(files("diffusion_accel.assets")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parents[2] / "assets"
+    try:
+        # the spec's search path, not importlib.resources.files(): ``assets/`` has no __init__.py, and for such a
+        # namespace package files() returns a MultiplexedPath whose str() is not a path
+        spec = find_spec("diffusion_accel.assets")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "assets"
 
 
 def default_path() -> Path:

@@ -133,7 +133,7 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
 
     setup_torch(seed)
     accelerator = make_accelerator()
-    vae = build_vae(seed)
+    vae = build_vae(seed).to(accelerator.device)  # before the EMA copy, which must live on the same device
     ema = EMA(vae, decay=0.995)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     budget = Budget(steps, minutes)

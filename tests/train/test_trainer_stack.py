@@ -113,19 +113,23 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
-def _cli(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+def _cli(args: list[str], gpu: bool = False, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})}
     return subprocess.Popen([sys.executable, "-m", "diffusion_accel.train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """6 steps straight == 3 steps, SIGKILL, resume from checkpoint-3, 3 more steps (CPU, fixed seed); the
-    checkpoint holds no pickle."""
+@pytest.mark.parametrize("precision", ["no", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 mixed precision (its grad scaler) and CUDA generators need a GPU"))])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, precision):
+    """6 steps straight == 3 steps, SIGKILL, resume from checkpoint-3, 3 more steps (fixed seed; on CPU, and with a
+    GPU also on CUDA in fp16, which adds the grad scaler and the CUDA generators to the state); the checkpoint holds
+    no pickle."""
     common = ["lcd", *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--lr_scheduler", "linear",
-              "--learning_rate", "1e-3", "--ship_weights", "online"]
-    straight = _cli([*common, "--output_dir", str(tmp_path / "straight")])
-    killed = _cli([*common, "--output_dir", str(tmp_path / "killed")])
+              "--learning_rate", "1e-3", "--ship_weights", "online", "--mixed_precision", precision]
+    gpu = precision != "no"
+    straight = _cli([*common, "--output_dir", str(tmp_path / "straight")], gpu=gpu)
+    killed = _cli([*common, "--output_dir", str(tmp_path / "killed")], gpu=gpu)
     state = tmp_path / "killed" / "checkpoint-3" / run_folder.STATE_FILE
     deadline = time.time() + 300
     while not state.exists() and killed.poll() is None and time.time() < deadline:
@@ -137,7 +141,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
     resumed = _cli([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint",
-                    str(tmp_path / "killed" / "checkpoint-3")])
+                    str(tmp_path / "killed" / "checkpoint-3")], gpu=gpu)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
