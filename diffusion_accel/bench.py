@@ -10,7 +10,8 @@ Adherence is compared in pairs (the same prompt and seed in both runs): prompts 
 difference with Newcombe's hybrid score 95 % interval for paired proportions and the exact McNemar p-value;
 FID-shapes gets a bias-shifted percentile bootstrap interval over images (:mod:`diffusion_accel.eval.paired`).
 Per-image verdicts are kept in the JSON. Clips of the video testbed also get the VBench-style dimensions beside the
-baseline's, with a VBench-style total (:mod:`diffusion_accel.bench_video`); a sparse-attention row reports the
+baseline's, with a VBench-style total, and adherence per attribute (colour, shape, direction) paired with the
+baseline's (:mod:`diffusion_accel.bench_video`); a sparse-attention row reports the
 attention density it measured. On the quality tier the baseline's images, verdicts and features are cached
 between runs of the same settings (:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size,
 versions).
@@ -517,11 +518,12 @@ def run_bench(
     base = "baseline"
     quality = (_quality_stats(metrics, base, fid_resamples, videos=images[base].ndim == 5) if base in metrics
                else {})
-    vbench = {}
+    vbench, attributes = {}, {}
     if base in metrics and images[base].ndim == 5:
-        from .bench_video import method_scores
+        from .bench_video import method_attributes, method_scores
 
         vbench = method_scores(images, set(metrics))
+        attributes = method_attributes(images, set(metrics), prompts)
     results: dict[str, dict[str, Any]] = {}
     for spec in runnable:
         psnr, ssim = (math.inf, 1.0) if spec.label == base else fidelity(images[spec.label], images[base])
@@ -543,6 +545,10 @@ def run_bench(
             from .bench_video import compare
 
             results[spec.label]["vbench"] = compare(vbench[spec.label], vbench[base])
+        if spec.label in attributes and base in attributes:
+            from .bench_video import compare_attributes
+
+            results[spec.label]["adherence_attributes"] = compare_attributes(attributes[spec.label], attributes[base])
         if spec.label in density:
             results[spec.label]["attention_density"] = density[spec.label]
     report = {
@@ -571,6 +577,10 @@ def run_bench(
     if metrics:
         report["per_image"] = {"prompts": prompts, "seeds": seeds,
                                "verdicts": {k: "".join("1" if v else "0" for v in m[0]) for k, m in metrics.items()}}
+        if attributes:  # per clip and attribute, so that any two rows can be paired later (AG vs its cutoff)
+            report["per_image"]["attribute_verdicts"] = {
+                label: {a: "".join("1" if v else "0" for v in flags) for a, flags in per.items()}
+                for label, per in attributes.items()}
     _write_outputs(report, images, prompts, out_dir, json_path, pareto_x)
     return report
 
@@ -622,9 +632,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += ["", f"lost / gained: prompts right in the baseline and wrong with the method / the reverse (same "
                       f"prompt and seed); adherence_diff_pts: method − baseline in points [{PAIRED_METHOD}]; "
                       f"fid_shapes_ci: [{FID_METHOD}]. {s.get('distinct_prompts', '?')} distinct prompts."]
+    from .bench_video import attribute_table
     from .bench_video import markdown_table as vbench_table
 
-    lines += vbench_table(report["methods"])
+    lines += attribute_table(report["methods"]) + vbench_table(report["methods"])
     densities = {label: row["attention_density"] for label, row in report["methods"].items()
                  if row.get("attention_density") is not None}
     if densities:

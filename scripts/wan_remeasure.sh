@@ -10,8 +10,11 @@
 # (records in docs/results/wan_caches/cost_probe_*.json, wan_bottleneck/cost_probe_4_prompts.json and
 # wan_sparse_attention/asa_tau_match.json); each bench run then reports the MACs and density it measured itself.
 set -euo pipefail
-OUT=${OUT:-docs/results}
+OUT=$(realpath -m "${OUT:-docs/results}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Run away from the repository root: `python -m` puts the working directory on sys.path, where the top-level
+# kernels/ folder would shadow Hugging Face's `kernels` package that Diffusers probes for.
+cd "$(mktemp -d)"
 bench() { diffusion-accel bench --pipeline testbed:wan --prompts 64 --repeats 3 --timing-batch 8 "$@"; }
 
 # caches at matched MACs (~1.46x and ~1.53-1.56x)

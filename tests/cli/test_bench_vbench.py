@@ -13,11 +13,15 @@ from diffusion_accel.bench_video import TOTAL_KEY, clip_scores, compare
 
 
 @pytest.fixture(scope="module")
-def real_clips():
+def heldout():
     from diffusion_accel.pipelines.testbed.video_data import SPLIT_HELDOUT, make_clips
 
-    clips, _ = make_clips(SPLIT_HELDOUT, 0, 6)
-    return clips
+    return make_clips(SPLIT_HELDOUT, 0, 6)
+
+
+@pytest.fixture(scope="module")
+def real_clips(heldout):
+    return heldout[0]
 
 
 def test_identical_clips_give_zero_change(real_clips):
@@ -52,6 +56,29 @@ def test_damaged_clips_lower_the_dims(real_clips):
         one[k][0] = bad[k][0]
     partial = compare(one, base)["relative_change"][TOTAL_KEY]
     assert result["relative_change"][TOTAL_KEY] < partial < 0
+
+
+def test_time_reversed_clips_lose_direction_only(heldout):
+    """Played backwards, every clip moves the other way: the paired direction verdict loses every clip while colour
+    and shape lose none, and temporal flickering (symmetric in time) cannot see it. On this testbed the all-three
+    verdict could only lose the baseline's few right clips; per attribute the loss is visible."""
+    from diffusion_accel.bench_video import attribute_table, compare_attributes, method_attributes
+
+    clips, meta = heldout
+    prompts = [c.caption for c in meta]
+    flags = method_attributes({"baseline": clips, "reversed": clips[:, ::-1].copy(), "image": clips[:, 0]},
+                              {"baseline", "reversed", "image"}, prompts)
+    assert set(flags) == {"baseline", "reversed"}  # still images get no video verdicts
+    result = compare_attributes(flags["reversed"], flags["baseline"])
+    n = len(clips)
+    assert result["direction"]["paired"]["lost"] == n and result["direction"]["adherence"] == 0.0
+    assert result["colour"]["paired"]["lost"] == result["shape"]["paired"]["lost"] == 0
+    assert compare(clip_scores(clips[:, ::-1].copy()), clip_scores(clips))["relative_change"][
+        "temporal_flickering"] == pytest.approx(0.0, abs=1e-12)
+    methods = {"baseline": {"adherence_attributes": compare_attributes(flags["baseline"], flags["baseline"])},
+               "reversed": {"adherence_attributes": result}}
+    reversed_row = next(line for line in attribute_table(methods) if line.startswith("| reversed"))
+    assert f"0.0 % ({n} / 0, -100.0 [" in reversed_row
 
 
 def test_unpaired_clip_counts_are_refused(real_clips):
@@ -101,9 +128,13 @@ def test_wan_bench_reports_vbench_and_density(tmp_path, monkeypatch):
     assert set(sparse["vbench"]["dims"]) == {*VBENCH_DIMS, TOTAL_KEY}
     assert sparse["attention_density"] == pytest.approx(0.25)
     assert "attention_density" not in rows["baseline"]
+    assert set(sparse["adherence_attributes"]) == {"colour", "shape", "direction"}
+    assert rows["baseline"]["adherence_attributes"]["direction"]["paired"]["difference"] == 0.0
     table = (tmp_path / "a" / "bench.md").read_text()
     assert "VBench-style total" in table and "unweighted mean" in table and "density" in table
-    assert json.loads((tmp_path / "a" / "bench.json").read_text())["methods"]["baseline"]["vbench"]
+    written = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert written["methods"]["baseline"]["vbench"]
+    assert len(written["per_image"]["attribute_verdicts"]["baseline"]["direction"]) == 2
 
     again = bench.run_bench("testbed:wan", methods, out_dir=tmp_path / "b", **kwargs)
     assert again["settings"]["baseline_cache"]["hit"]
