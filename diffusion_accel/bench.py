@@ -9,7 +9,10 @@ JSON file, a Markdown table, a Pareto plot and an image grid.
 Adherence is compared in pairs (the same prompt and seed in both runs): prompts lost, prompts gained and the paired
 difference with Newcombe's hybrid score 95 % interval for paired proportions and the exact McNemar p-value;
 FID-shapes gets a bias-shifted percentile bootstrap interval over images (:mod:`diffusion_accel.eval.paired`).
-Per-image verdicts are kept in the JSON. On the quality tier the baseline's images, verdicts and features are cached
+Per-image verdicts are kept in the JSON. Clips of the video testbed also get the VBench-style dimensions beside the
+baseline's, with a VBench-style total, and adherence per attribute (colour, shape, direction) paired with the
+baseline's (:mod:`diffusion_accel.bench_video`); a sparse-attention row reports the
+attention density it measured. On the quality tier the baseline's images, verdicts and features are cached
 between runs of the same settings (:func:`baseline_cache_key`: pipeline weights, call, prompts, seeds, batch size,
 versions).
 """
@@ -359,9 +362,17 @@ def _quality_share(pipe: Any, spec: MethodSpec, batches: list[tuple[int, list[st
                 output, batch_macs = generate_counting_macs(pipe, kwargs)
             else:
                 output, batch_macs = generate(pipe, kwargs), None
-            records.append({"start": start, "images": to_uint8(output), "nfe": da.stats(pipe)["nfe"],
-                            "macs": batch_macs, "process": process})
+            stats = da.stats(pipe)
+            records.append({"start": start, "images": to_uint8(output), "nfe": stats["nfe"],
+                            "macs": batch_macs, "process": process, "density": _attention_density(stats)})
     return records
+
+
+def _attention_density(stats: dict[str, Any]) -> float | None:
+    """Mean measured density (kept key blocks / all) of a call's sparse-attention masks; ``None`` without them (the
+    knob a mask is set by is not its density, so a matched-density comparison must report what was measured)."""
+    entries = (stats.get("sparse_attention") or {}).get("density") or []
+    return float(np.mean([e["density"] for e in entries])) if entries else None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -429,6 +440,7 @@ def run_bench(
     macs_over_all = tier == "quality"
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, float] = {}
+    density: dict[str, float] = {}
     macs: dict[str, float] = {}
     metrics: dict[str, tuple[list[bool], np.ndarray]] = {}
     seeds = [seed + i for i in range(len(prompts))]
@@ -466,6 +478,9 @@ def run_bench(
         batches_per_process = [sum(share["process"] == p for share in shares) for p in range(state.num_processes)]
         images[spec.label] = np.concatenate([share["images"] for share in shares])
         nfe[spec.label] = float(np.mean([share["nfe"] for share in shares]))
+        densities = [share["density"] for share in shares if share.get("density") is not None]
+        if densities:
+            density[spec.label] = float(np.mean(densities))
         if macs_over_all:
             macs[spec.label] = sum((share["macs"] for share in shares), 0.0)
         if shape_metrics:
@@ -503,6 +518,12 @@ def run_bench(
     base = "baseline"
     quality = (_quality_stats(metrics, base, fid_resamples, videos=images[base].ndim == 5) if base in metrics
                else {})
+    vbench, attributes = {}, {}
+    if base in metrics and images[base].ndim == 5:
+        from .bench_video import method_attributes, method_scores
+
+        vbench = method_scores(images, set(metrics))
+        attributes = method_attributes(images, set(metrics), prompts)
     results: dict[str, dict[str, Any]] = {}
     for spec in runnable:
         psnr, ssim = (math.inf, 1.0) if spec.label == base else fidelity(images[spec.label], images[base])
@@ -520,6 +541,16 @@ def run_bench(
         if q:
             results[spec.label]["adherence_paired"] = q["adherence_paired"]
             results[spec.label]["fid_shapes_interval"] = q["fid_shapes_interval"]
+        if spec.label in vbench and base in vbench:
+            from .bench_video import compare
+
+            results[spec.label]["vbench"] = compare(vbench[spec.label], vbench[base])
+        if spec.label in attributes and base in attributes:
+            from .bench_video import compare_attributes
+
+            results[spec.label]["adherence_attributes"] = compare_attributes(attributes[spec.label], attributes[base])
+        if spec.label in density:
+            results[spec.label]["attention_density"] = density[spec.label]
     report = {
         "settings": {
             "pipeline": pipeline, "family": family, "tier": tier, "steps": macs_kwargs["num_inference_steps"],
@@ -546,6 +577,10 @@ def run_bench(
     if metrics:
         report["per_image"] = {"prompts": prompts, "seeds": seeds,
                                "verdicts": {k: "".join("1" if v else "0" for v in m[0]) for k, m in metrics.items()}}
+        if attributes:  # per clip and attribute, so that any two rows can be paired later (AG vs its cutoff)
+            report["per_image"]["attribute_verdicts"] = {
+                label: {a: "".join("1" if v else "0" for v in flags) for a, flags in per.items()}
+                for label, per in attributes.items()}
     _write_outputs(report, images, prompts, out_dir, json_path, pareto_x)
     return report
 
@@ -597,6 +632,15 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += ["", f"lost / gained: prompts right in the baseline and wrong with the method / the reverse (same "
                       f"prompt and seed); adherence_diff_pts: method − baseline in points [{PAIRED_METHOD}]; "
                       f"fid_shapes_ci: [{FID_METHOD}]. {s.get('distinct_prompts', '?')} distinct prompts."]
+    from .bench_video import attribute_table
+    from .bench_video import markdown_table as vbench_table
+
+    lines += attribute_table(report["methods"]) + vbench_table(report["methods"])
+    densities = {label: row["attention_density"] for label, row in report["methods"].items()
+                 if row.get("attention_density") is not None}
+    if densities:
+        lines += ["", "Measured self-attention density (kept key blocks / all, mean over layers, steps and calls): "
+                      + "; ".join(f"{label}: {value:.3f}" for label, value in densities.items()) + "."]
     return "\n".join(lines)
 
 

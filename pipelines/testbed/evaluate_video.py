@@ -46,8 +46,9 @@ def thumbnail_features(frames: np.ndarray) -> np.ndarray:
     return (torch.nn.functional.adaptive_avg_pool2d(x, 8) - 128.0).flatten(1).numpy()
 
 
-def vbench_dims(clips: np.ndarray) -> dict[str, float]:
-    """Mean over clips of each VBench-style dimension (dynamic degree: the fraction of dynamic clips)."""
+def vbench_per_clip(clips: np.ndarray) -> dict[str, np.ndarray]:
+    """Each VBench-style dimension of every clip (``[N]`` per dimension; dynamic degree is 0 or 1 per clip): the one
+    place these proxies are computed, for ``testbed eval wan`` and for the bench's video rows alike."""
     from ...eval.video import (
         background_consistency,
         dynamic_degree,
@@ -64,7 +65,12 @@ def vbench_dims(clips: np.ndarray) -> dict[str, float]:
         per_clip["temporal_flickering"].append(temporal_flickering(clip))
         per_clip["motion_smoothness"].append(motion_smoothness(clip))
         per_clip["dynamic_degree"].append(dynamic_degree(clip))
-    return {k: float(np.mean(v)) for k, v in per_clip.items()}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in per_clip.items()}
+
+
+def vbench_dims(clips: np.ndarray) -> dict[str, float]:
+    """Mean over clips of each VBench-style dimension (dynamic degree: the fraction of dynamic clips)."""
+    return {k: float(v.mean()) for k, v in vbench_per_clip(clips).items()}
 
 
 @torch.no_grad()
