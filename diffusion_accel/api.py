@@ -123,6 +123,9 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     """
     _check_pipeline(pipe)
     existing = _session_of(pipe)
+    if existing is not None and getattr(existing, "from_stored_methods", False):
+        existing.detach()  # attached by a call from the checkpoint's stored methods: this apply replaces it
+        existing = None
     if existing is not None:
         names = ", ".join(c.name for c in existing.configs) or "no methods"
         raise ValueError(
@@ -158,9 +161,11 @@ def remove(pipe: Any) -> None:
     from re-applying them: an explicit request to sample it without."""
     from .pipelines.contract import METHODS_REMOVED_ATTR, stored_methods
 
-    _detach(pipe)
-    if stored_methods(pipe):
+    if stored_methods(pipe):  # also before its first call, when nothing is attached yet
         object.__setattr__(pipe, METHODS_REMOVED_ATTR, True)
+        if _session_of(pipe) is None:
+            return
+    _detach(pipe)
 
 
 def _detach(pipe: Any) -> None:

@@ -187,8 +187,8 @@ def _apply_stored_methods(pipe: Any) -> bool:
         return False
     from ..api import apply
 
-    apply(pipe)  # apply() adds the stored configs itself
-    return True
+    apply(pipe).session.from_stored_methods = True  # apply() adds the stored configs itself; a later apply
+    return True  # of the user's own methods replaces this session (and keeps the stored methods)
 
 
 def pipeline_class(pipe: Any) -> type:

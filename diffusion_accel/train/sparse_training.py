@@ -51,14 +51,21 @@ def parse_sparse_spec(spec: str):
         raise ValueError(f"--sparse_attention {spec!r}: {exc}") from exc
 
 
-def check_sparse_student(spec: str, pipe: Any):
-    """The config of ``spec``, refused (``ValueError``) where the method cannot run on ``pipe``'s family."""
+def check_sparse_student(spec: str, pipe: Any, sample_shape: tuple[int, ...]):
+    """The config of ``spec``, refused (``ValueError``) where the method cannot run on ``pipe``'s family or would
+    leave every attention call of a ``sample_shape`` latent dense."""
     from ..pipelines.adapters import find_adapter
 
     config = parse_sparse_spec(spec)
-    reason = config.not_applicable_reason(find_adapter(pipe), pipe)
+    adapter = find_adapter(pipe)
+    reason = config.not_applicable_reason(adapter, pipe)
     if reason:
         raise ValueError(f"--sparse_attention cannot train this teacher's student: {reason}.")
+    tokens = image_tokens(sample_shape, adapter.get_denoiser(pipe).config, adapter.latent_layout)
+    if tokens < config.min_tokens or tokens <= config.block_size:
+        raise ValueError(f"--sparse_attention: the student's self-attention sees {tokens} tokens, so with "
+                         f"block_size={config.block_size} and min_tokens={config.min_tokens} every call would "
+                         "stay dense; lower block_size (and min_tokens) or train at a larger size.")
     return config
 
 
@@ -122,18 +129,13 @@ class SparseStudent:
         from ..pipelines.adapters import find_adapter
 
         adapter = find_adapter(pipe)
-        tokens = image_tokens(sample_shape, student.config, adapter.latent_layout)
-        if tokens < config.min_tokens or tokens <= config.block_size:
-            raise ValueError(f"--sparse_attention: the student's self-attention sees {tokens} tokens, so with "
-                             f"block_size={config.block_size} and min_tokens={config.min_tokens} every call would "
-                             "stay dense; lower block_size (and min_tokens) or train at a larger size.")
         call_args = {"height": height, "width": height, "num_frames": num_frames}
         self.config = config
         self.method = config.build()
         self.session = _TrainingSession(pipe, adapter, student, call_args)
         self.method.attach(self.session)
         self.session.register_hook(student, _FreshMasks(self), "diffusion_accel.sparse_training")
-        self.tokens = tokens
+        self.tokens = image_tokens(sample_shape, student.config, adapter.latent_layout)
         self._base = 0
         self._count = 0
 

@@ -154,11 +154,12 @@ class TDM(Recipe):
         if bool((widths <= 0).any()):
             raise ValueError(f"--num_inference_steps {opts.num_inference_steps} leaves student steps whose "
                              "intervals are too short to sample a noise level in; use fewer steps.")
+        self.shape = self.sample_shape()
         self.sparse = None
         if opts.sparse_attention is not None:
             from .sparse_training import check_sparse_student
 
-            self.sparse_config = check_sparse_student(opts.sparse_attention, self.pipe)
+            self.sparse_config = check_sparse_student(opts.sparse_attention, self.pipe, self.shape)
 
     def run_record(self) -> dict[str, Any]:
         opts: TDMOptions = self.options  # type: ignore[assignment]
@@ -194,7 +195,6 @@ class TDM(Recipe):
         self.captions = self.training_prompts()
         self.cond, self.caption_rows = self.family.encode_caption_table(self.captions, device)
         self.num_samples = len(self.captions)
-        self.shape = self.sample_shape()
         self.grid = Grid(*(t.to(device) for t in (self.grid.model_time, self.grid.alpha, self.grid.sigma)))
 
         teacher = self.family.denoiser.eval().requires_grad_(False)
@@ -304,7 +304,7 @@ class TDM(Recipe):
         weight = torch.clamp(self.process.snr(a_t, s_t), max=SNR_CAP) * w_is
         fake_loss = (weight * flat_mean((x0_fake - x0.detach()) ** 2)).mean()
         logs = {"loss": float(student_loss.detach()), "fake_loss": float(fake_loss.detach()),
-                "score_gap": float(flat_mean((x0_real - x0_fake).abs()).mean())}
+                "score_gap": float(flat_mean((x0_real - x0_fake.detach()).abs()).mean())}
         if self.sparse is not None and self.sparse.density() is not None:
             logs["sparse_density"] = self.sparse.density()  # kept-block fraction of the student's step above
         return student_loss + fake_loss, logs
