@@ -7,6 +7,7 @@ import copy
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -104,3 +105,19 @@ def test_resumed_blade_run_draws_the_same_masks(tmp_path):
         b = load_file(str(second / "checkpoint-4" / f"{name}.safetensors"))
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_stored_method_configs_are_validated_when_the_pipeline_is_built():
+    from diffusers import PixArtAlphaPipeline
+
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.pipelines.contract import with_sampler_contract
+
+    components = load_pipeline("tiny:pixart_alpha").components
+    cls = with_sampler_contract(PixArtAlphaPipeline)
+    with pytest.raises(ValueError, match="Unknown option"):
+        cls(**components, accel_methods=[{"method": "sparse_attention", "blocksize": 8}])
+    with pytest.raises(ValueError, match="list of method config dicts"):
+        cls(**components, accel_methods={"method": "sparse_attention"})
+    plain = cls(**components)  # no stored methods: model_index.json stays as before
+    assert "accel_methods" not in plain.config

@@ -87,3 +87,14 @@ def test_sparse_spec_parsing_names_the_fix():
         parse_sparse_spec("asa:blocksize=16")
     with pytest.raises(ValueError, match="tau"):
         parse_sparse_spec("asa:tau=2")
+
+
+@pytest.mark.parametrize("preset, recipe", [("pixart-tdm", "tdm"), ("wan-tdm", "tdm"), ("wan-blade", "blade")])
+def test_shipped_presets_are_valid_recipes(preset, recipe):
+    from diffusion_accel.train import recipe_class
+    from diffusion_accel.train.options import build_options, load_config_file
+
+    values = load_config_file(preset)
+    options = build_options(recipe_class(recipe).options_class, {**values, "output_dir": "unused"})
+    assert options.num_inference_steps == 4 and options.adam_beta1 == 0.0
+    assert (options.sparse_attention is not None) == (recipe == "blade")
