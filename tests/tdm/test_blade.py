@@ -109,9 +109,9 @@ def test_resumed_blade_run_draws_the_same_masks(tmp_path):
 
 def test_stored_method_configs_are_validated_when_the_pipeline_is_built():
     from diffusers import PixArtAlphaPipeline
+    from diffusion_accel.pipelines.contract import with_sampler_contract
 
     from diffusion_accel.loading import load_pipeline
-    from diffusion_accel.pipelines.contract import with_sampler_contract
 
     components = load_pipeline("tiny:pixart_alpha").components
     cls = with_sampler_contract(PixArtAlphaPipeline)
