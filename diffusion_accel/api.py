@@ -123,6 +123,9 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     """
     _check_pipeline(pipe)
     existing = _session_of(pipe)
+    if existing is not None and getattr(existing, "from_stored_methods", False):
+        existing.detach()  # attached by a call from the checkpoint's stored methods: this apply replaces it
+        existing = None
     if existing is not None:
         names = ", ".join(c.name for c in existing.configs) or "no methods"
         raise ValueError(
@@ -130,7 +133,7 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
             "diffusion_accel.remove(pipe) first, or pass every method to a single apply(...) call."
         )
     adapter = find_adapter(pipe)
-    parsed = _parse_all(configs, options)
+    parsed = _with_stored_methods(pipe, _parse_all(configs, options))
     problems = [f"{c.name}: {reason}" for c in parsed if (reason := c.not_applicable_reason(adapter, pipe))]
     if problems:
         raise ValueError("Cannot apply to this pipeline: " + "; ".join(problems) + ".")
@@ -141,8 +144,31 @@ def apply(pipe: Any, *configs: ConfigSpec, **options: Any) -> AccelHandle:
     return AccelHandle(session)
 
 
+def _with_stored_methods(pipe: Any, parsed: list[MethodConfig]) -> list[MethodConfig]:
+    """``parsed`` plus the methods saved with the pipeline's weights (``pipelines.contract``) that it does not name:
+    weights trained under a method (a sparse-attention student) keep it when other methods are applied."""
+    from .pipelines.contract import stored_methods
+
+    named = {c.name for c in parsed}
+    stored = [parse_config(m) for m in stored_methods(pipe)]
+    return parsed + [c for c in stored if c.name not in named]
+
+
 def remove(pipe: Any) -> None:
-    """Detach everything :func:`apply` attached; outputs are then bit-identical to a never-patched pipeline."""
+    """Detach everything :func:`apply` attached; outputs are then bit-identical to a never-patched pipeline.
+
+    On a pipeline loaded with stored methods (a student trained under sparse attention), this also stops its calls
+    from re-applying them: an explicit request to sample it without."""
+    from .pipelines.contract import METHODS_REMOVED_ATTR, stored_methods
+
+    if stored_methods(pipe):  # also before its first call, when nothing is attached yet
+        object.__setattr__(pipe, METHODS_REMOVED_ATTR, True)
+        if _session_of(pipe) is None:
+            return
+    _detach(pipe)
+
+
+def _detach(pipe: Any) -> None:
     session = _session_of(pipe)
     if session is None:
         raise ValueError("This pipeline has no diffusion-accel methods attached; nothing to remove.")
@@ -157,7 +183,7 @@ def accelerated(pipe: Any, *configs: ConfigSpec, **options: Any) -> Iterator[Acc
         yield handle
     finally:
         if _session_of(pipe) is not None:
-            remove(pipe)
+            _detach(pipe)  # not an opt-out of stored methods: the next call re-applies them
 
 
 class StatsDict(dict):

@@ -250,6 +250,9 @@ class AccelSession:
         self._top_forward: Any = None
         self._dynamo = _compile.DynamoCounter()
         self.compile_totals = {"frames_compiled": 0, "recompiles": 0, "graph_breaks": 0}
+        #: True when a call attached this session from the methods stored with the weights (pipelines.contract):
+        #: an explicit ``apply`` then replaces it instead of refusing.
+        self.from_stored_methods = False
         self.attached = False
 
     # ------------------------------------------------------------------ properties

@@ -13,6 +13,13 @@ from it. ``save_pretrained`` also writes :data:`LOADER_MODULE` ``.py`` next to `
 in ``_class_name``, which is how Diffusers finds a local custom pipeline class, so
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` returns the contract class; without
 ``trust_remote_code`` Diffusers refuses at once and names that argument.
+
+A checkpoint whose weights were trained under a diffusion-accel method (a student distilled with block-sparse
+attention) also stores that method's config, ``accel_methods`` (a list of ``MethodConfig.to_dict()`` dicts), in
+``model_index.json``: the first call applies them (``diffusion_accel.apply``) unless methods are already attached,
+and an ``apply(pipe, ...)`` of other methods attaches the stored ones too (a config of the same method overrides
+the stored one). So the weights are never sampled without the method they were trained for, unless
+``diffusion_accel.remove(pipe)`` asks for that explicitly.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from typing import Any
 #: the contract class; it only re-exports the class from this package.
 LOADER_MODULE = "pipeline_with_contract"
 CONTRACT_KEY = "sampler_contract"
+METHODS_KEY = "accel_methods"
+#: Instance flag set by ``diffusion_accel.remove``: the stored methods are not re-applied by the next call.
+METHODS_REMOVED_ATTR = "_diffusion_accel_stored_methods_removed"
 
 
 def _call_parameters(base: type) -> dict[str, inspect.Parameter]:
@@ -50,6 +60,27 @@ def check_contract(base: type, contract: dict[str, Any] | None) -> dict[str, Any
     except TypeError as exc:
         raise ValueError(f"sampler_contract must be JSON-serialisable (numbers, strings, lists): {exc}") from exc
     return dict(contract)
+
+
+def check_methods(methods: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Validate stored method configs (each must parse as a registered method); returns plain-dict copies."""
+    if methods is None:
+        return None
+    if not isinstance(methods, list) or not all(isinstance(m, dict) and "method" in m for m in methods):
+        raise ValueError(f"{METHODS_KEY} must be a list of method config dicts with a 'method' key (as "
+                         "MethodConfig.to_dict() writes them)")
+    from ..config import MethodConfig
+
+    for m in methods:
+        MethodConfig.from_dict(m)  # raises, naming the bad option
+    return [dict(m) for m in methods]
+
+
+def stored_methods(pipe: Any) -> list[dict[str, Any]]:
+    """The method configs saved with ``pipe``'s weights (``[]`` for a pipeline without)."""
+    config = getattr(pipe, "config", None)
+    methods = getattr(config, METHODS_KEY, None) if config is not None else None
+    return [dict(m) for m in methods or []]
 
 
 def contract_of(pipe: Any) -> dict[str, Any]:
@@ -113,17 +144,23 @@ def with_sampler_contract(base: type) -> type:
     base_init = inspect.signature(base.__init__)
     base_call = base.__call__
 
-    def __init__(self: Any, *args: Any, sampler_contract: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, sampler_contract: dict[str, Any] | None = None,
+                 accel_methods: list[dict[str, Any]] | None = None, **kwargs: Any) -> None:
         base.__init__(self, *args, **kwargs)
         self.register_to_config(**{CONTRACT_KEY: check_contract(base, sampler_contract)})
+        if accel_methods:  # registered only when present: other checkpoints' model_index.json stays as it was
+            self.register_to_config(**{METHODS_KEY: check_methods(accel_methods)})
 
     # Diffusers reads the component names from the __init__ signature (DiffusionPipeline._get_signature_keys)
     params = [p for p in base_init.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     params.append(inspect.Parameter(CONTRACT_KEY, inspect.Parameter.KEYWORD_ONLY, default=None))
+    params.append(inspect.Parameter(METHODS_KEY, inspect.Parameter.KEYWORD_ONLY, default=None))
     __init__.__signature__ = base_init.replace(parameters=params)
 
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _apply_stored_methods(self):  # the pipeline's class changed: the call goes through the session now
+            return type(self).__call__(self, *args, **kwargs)
         return base_call(self, *args, **fill_contract_defaults(self, args, kwargs))
 
     def save_pretrained(self: Any, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
@@ -137,6 +174,21 @@ def with_sampler_contract(base: type) -> type:
             f"``{base.__name__}`` whose calls default to the ``sampler_contract`` saved with the checkpoint."),
         "_contract_class_name": name, "_contract_base": base,
     })
+
+
+def _apply_stored_methods(pipe: Any) -> bool:
+    """Attach the stored methods before a call when nothing is attached and no ``remove`` opted out; True if it
+    attached them."""
+    if not stored_methods(pipe) or pipe.__dict__.get(METHODS_REMOVED_ATTR):
+        return False
+    from ..session import SESSION_ATTR
+
+    if pipe.__dict__.get(SESSION_ATTR) is not None:
+        return False
+    from ..api import apply
+
+    apply(pipe).session.from_stored_methods = True  # apply() adds the stored configs itself; a later apply
+    return True  # of the user's own methods replaces this session (and keeps the stored methods)
 
 
 def pipeline_class(pipe: Any) -> type:

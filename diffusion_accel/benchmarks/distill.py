@@ -4,8 +4,11 @@ Rows: the teacher at its contract (20 DPM-Solver++ steps with CFG: the reference
 honest baseline: fewer steps of the same model), the teacher at 4 steps with the students' ``LCMScheduler`` (to
 separate the scheduler from the distillation), the teacher on the DDIM trajectory the students distil (what a
 perfect consistency student would reproduce), the LCD student at 4/2/1 steps, the LCD student at 4 steps with
-Δ-cache's ``pixart-lcm-4`` preset, and the RG-LCD student at 4/2 steps. All rows sample the same held-out prompts
-with the same seeds.
+Δ-cache's ``pixart-lcm-4`` preset, the RG-LCD student at 4/2 steps, and, where it has been trained
+(``testbed:pixart-tdm``, built by the ``pixart-tdm`` preset), the TDM student at 4 steps and at 2 (the same 4-step
+student on the trailing 2-step grid) beside the teacher at 4 steps on the TDM student's DDIM scheduler, and a TDM
+student trained for 2 steps (``--tdm2``) when one is given. All rows sample the same held-out prompts with the same
+seeds.
 
 Columns: denoiser MACs per image relative to the reference (counted by ``torch.utils.flop_counter``), wall-clock
 speed-up (median of interleaved repeats in this process), prompt adherence by the reward classifier (shapes-net)
@@ -32,12 +35,12 @@ class Row:
     pipeline: str  # key into the loaded pipelines
     call: dict[str, Any]
     method: dict[str, Any] | None = None  # diffusion_accel.accelerated(pipe, **method)
-    scheduler: str | None = None  # "lcm" / "ddim": swap in that scheduler, built from the pipeline's config
+    scheduler: str | None = None  # "lcm" / "ddim" / "tdm": swap in that scheduler (see _row_context)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def default_rows(have_rglcd: bool) -> list[Row]:
+def default_rows(have_rglcd: bool, have_tdm: bool = False, have_tdm2: bool = False) -> list[Row]:
     rows = [Row("teacher 20 steps, CFG (reference)", "teacher", {"num_inference_steps": 20})]
     rows += [Row(f"teacher {n} steps, CFG", "teacher", {"num_inference_steps": n}) for n in (8, 4, 2)]
     rows.append(Row("teacher 4 steps, CFG, LCMScheduler", "teacher", {"num_inference_steps": 4}, scheduler="lcm",
@@ -49,6 +52,15 @@ def default_rows(have_rglcd: bool) -> list[Row]:
                     method={"method": "delta_cache", "preset": "pixart-lcm-4"}))
     if have_rglcd:
         rows += [Row(f"RG-LCD {n} steps", "rglcd", {"num_inference_steps": n}) for n in (4, 2)]
+    if have_tdm:
+        rows.append(Row("teacher 4 steps, CFG, TDM's DDIM (trailing)", "teacher", {"num_inference_steps": 4},
+                        scheduler="tdm", note="scheduler-only control: the TDM student's scheduler on the teacher"))
+        rows += [Row(f"TDM {n} steps", "tdm", {"num_inference_steps": n},
+                     note="" if n == 4 else "the 4-step student on the trailing 2-step grid (999, 499)")
+                 for n in (4, 2)]
+    if have_tdm2:
+        rows.append(Row("TDM 2 steps (2-step student)", "tdm2", {"num_inference_steps": 2},
+                        note="a TDM student trained for K = 2"))
     return rows
 
 
@@ -76,7 +88,7 @@ class _Swapped:
         self.pipe.scheduler = self.saved
 
 
-def _row_context(pipe: Any, row: Row, student_scheduler: Any):
+def _row_context(pipe: Any, row: Row, student_scheduler: Any, tdm_scheduler: Any = None):
     import contextlib
 
     import diffusion_accel as da
@@ -84,6 +96,8 @@ def _row_context(pipe: Any, row: Row, student_scheduler: Any):
     stack = contextlib.ExitStack()
     if row.scheduler == "lcm":  # the LCD student's own scheduler, with its config
         stack.enter_context(_Swapped(pipe, type(student_scheduler).from_config(student_scheduler.config)))
+    elif row.scheduler == "tdm":  # the TDM student's DDIM (trailing grid, last step to x̂0)
+        stack.enter_context(_Swapped(pipe, type(tdm_scheduler).from_config(tdm_scheduler.config)))
     elif row.scheduler == "ddim":
         stack.enter_context(_Swapped(pipe, _ddim_scheduler(pipe)))
     if row.method is not None:
@@ -104,7 +118,7 @@ def _generate(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> np.n
 
 def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "testbed:pixart-lcm",
         rglcd: str | None = "testbed:pixart-rglcd", repeats: int = 3, timing_batch: int = 8, batch: int = 16,
-        fid_resamples: int = 200) -> dict[str, Any]:
+        fid_resamples: int = 200, tdm: str | None = "testbed:pixart-tdm", tdm2: str | None = None) -> dict[str, Any]:
     from ..eval.fidelity import psnr
     from ..eval.paired import claim_within, fid_bootstrap, paired_summary
     from ..loading import load_pipeline
@@ -118,12 +132,21 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
             pipes["rglcd"] = load_pipeline(rglcd)
         except (ValueError, FileNotFoundError, OSError) as exc:
             rglcd_error = str(exc)
+    tdm_error = None
+    if tdm:
+        try:
+            pipes["tdm"] = load_pipeline(tdm)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            tdm_error = str(exc)
+    if tdm2:
+        pipes["tdm2"] = load_pipeline(tdm2)
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
     from ..bench import generate_counting_macs
 
-    rows = default_rows("rglcd" in pipes)
+    rows = default_rows("rglcd" in pipes, "tdm" in pipes, "tdm2" in pipes)
     student_scheduler = pipes["lcd"].scheduler
+    tdm_scheduler = pipes["tdm"].scheduler if "tdm" in pipes else None
     prompts = list(heldout_prompts())[:prompts_count]
     seeds = list(range(len(prompts)))
     judge = _load_judge()
@@ -133,7 +156,7 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
     for row in rows:
         pipe = pipes[row.pipeline]
         chunks = []
-        with _row_context(pipe, row, student_scheduler):
+        with _row_context(pipe, row, student_scheduler, tdm_scheduler):
             for i in range(0, len(prompts), batch):
                 chunks.append(_generate(pipe, row, prompts[i:i + batch], seeds[i:i + batch]))
             macs[row.label] = generate_counting_macs(pipe, _call(row, prompts[:2], seeds[:2]))[1] / 2
@@ -144,7 +167,7 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
     for _ in range(repeats):  # interleaved: every row once per round, so drift hits all rows alike
         for row in rows:
             pipe = pipes[row.pipeline]
-            with _row_context(pipe, row, student_scheduler):
+            with _row_context(pipe, row, student_scheduler, tdm_scheduler):
                 start = time.perf_counter()
                 _generate(pipe, row, prompts[:timing_batch], seeds[:timing_batch])
                 times[row.label].append(time.perf_counter() - start)
@@ -190,8 +213,19 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
     if "RG-LCD 2 steps" in by and judge is not None:
         claims["rglcd2_judge_adherence_at_least_lcd4"] = by["RG-LCD 2 steps"]["adherence_judge"] >= \
             lcd4["adherence_judge"]
-    return {"benchmark": "distill", "teacher": teacher, "students": {"lcd": lcd, "rglcd": rglcd},
-            "rglcd_unavailable": rglcd_error, "judge": "shapes-judge" if judge is not None else None,
+    if "TDM 4 steps" in by:
+        pairs = [("tdm4_minus_lcd4", "TDM 4 steps", "LCD 4 steps"), ("tdm2_minus_lcd2", "TDM 2 steps", "LCD 2 steps")]
+        if "TDM 2 steps (2-step student)" in by:
+            pairs.append(("tdm2_student_minus_lcd2", "TDM 2 steps (2-step student)", "LCD 2 steps"))
+        for key, tdm_row, lcd_row in pairs:  # which distiller wins at equal steps (positive: TDM better)
+            t, c = by[tdm_row], by[lcd_row]
+            claims[key] = {"adherence_shapes_net": t["adherence_shapes_net"] - c["adherence_shapes_net"],
+                           judge_key: t[judge_key] - c[judge_key],
+                           "fid_lower_is_better": c["fid_shapes"] - t["fid_shapes"]}
+    return {"benchmark": "distill", "teacher": teacher,
+            "students": {"lcd": lcd, "rglcd": rglcd, "tdm": tdm, "tdm2": tdm2},
+            "rglcd_unavailable": rglcd_error, "tdm_unavailable": tdm_error,
+            "judge": "shapes-judge" if judge is not None else None,
             "num_prompts": len(prompts), "repeats": repeats, "timing_batch": timing_batch,
             "threads": torch.get_num_threads(), "rows": report_rows, "claims": claims}
 
@@ -235,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="testbed:pixart")
     parser.add_argument("--lcd", default="testbed:pixart-lcm")
     parser.add_argument("--rglcd", default="testbed:pixart-rglcd", help="'' to leave the RG-LCD rows out")
+    parser.add_argument("--tdm", default="testbed:pixart-tdm", help="'' to leave the TDM rows out (they are left "
+                                                                    "out anyway where the student is not built)")
+    parser.add_argument("--tdm2", default=None, help="a TDM student trained for 2 steps (one more row)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timing-batch", type=int, default=8)
     parser.add_argument("--out", default="docs/results/distill")
     args = parser.parse_args(argv)
-    report = run(args.prompts, args.teacher, args.lcd, args.rglcd or None, args.repeats, args.timing_batch)
+    report = run(args.prompts, args.teacher, args.lcd, args.rglcd or None, args.repeats, args.timing_batch,
+                 tdm=args.tdm or None, tdm2=args.tdm2 or None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(report)

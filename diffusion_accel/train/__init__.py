@@ -19,8 +19,9 @@ def recipes() -> dict[str, type[Recipe]]:
     from .lcd import LCD
     from .resshift import ResShift
     from .rglcd import RGLCD
+    from .tdm import TDM, Blade
 
-    return {r.name: r for r in (LCD, RGLCD, HarmoniCa, L2C, ResShift, BFM, BFMFeatureResidual)}
+    return {r.name: r for r in (LCD, RGLCD, TDM, Blade, HarmoniCa, L2C, ResShift, BFM, BFMFeatureResidual)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

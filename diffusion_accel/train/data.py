@@ -79,3 +79,9 @@ class BatchStream:
         tensors of the same step); slice it with :meth:`local`."""
         gen = torch.Generator().manual_seed(draw.noise_seed + stream)
         return torch.randn((self.global_batch, *shape), generator=gen).to(device)
+
+    def global_uniforms(self, draw: GlobalDraw, stream: int) -> torch.Tensor:
+        """U[0, 1) draws ``[G]`` for the whole global batch, beyond :attr:`GlobalDraw.uniforms` (``stream`` >= 1
+        separates them from the noise tensors' seeds); slice them with :meth:`local`."""
+        gen = torch.Generator().manual_seed(draw.noise_seed + 1_000_003 * stream)
+        return torch.rand(self.global_batch, generator=gen, dtype=torch.float64)

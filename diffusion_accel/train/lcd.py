@@ -188,6 +188,9 @@ class LCD(Recipe):
     def check(self) -> None:
         opts: LCDOptions = self.options  # type: ignore[assignment]
         self.family.check_distillable()
+        if self.family.data_free_only:
+            raise ValueError(f"LCD learns from encoded training data, which the {type(self.pipe).__name__} teacher "
+                             "family cannot encode; distil it with the data-free recipe `tdm` instead.")
         guidance = opts.guidance_scale or self.family.teacher_guidance(self.teacher_contract)
         if guidance is None:
             raise ValueError(f"the teacher {opts.pretrained_teacher_model!r} carries no guidance scale in its "

@@ -3,9 +3,9 @@
 A :class:`TeacherFamily` encodes captions and images once (the training loop only sees tensors), calls the
 denoiser on a batch, decodes latents for rewards and validation, and names the scheduler and sampler contract the
 student is sampled with. Two prediction types are covered: ε-prediction on a DDPM schedule (``PixArtAlphaPipeline``)
-and rectified flow (``FluxPipeline``). Which methods a family supports is the adapter's business
-(:mod:`diffusion_accel.pipelines.adapters`); these are the *training-side* facts: the denoiser's call signature and
-the latent layout, which no inference hook needs.
+and rectified flow (``FluxPipeline``; ``WanPipeline`` for video). Which methods a family supports is the adapter's
+business (:mod:`diffusion_accel.pipelines.adapters`); these are the *training-side* facts: the denoiser's call
+signature and the latent layout, which no inference hook needs.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class TeacherFamily:
     #: Contract key of the teacher's guidance scale and the value that switches guidance off in the student.
     guidance_key: str = "guidance_scale"
     supports_lora: bool = False
+    #: True for video pipelines (latents ``[C, F, H, W]``, a ``num_frames`` call argument).
+    video: bool = False
+    #: True when the family cannot encode training images (recipes that learn from data refuse it; data-free
+    #: distillers such as TDM need only prompts).
+    data_free_only: bool = False
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -123,6 +128,20 @@ class TeacherFamily:
     def teacher_guidance(self, teacher_contract: dict[str, Any]) -> float | None:
         return teacher_contract.get(self.guidance_key)
 
+    # -- a few-step student's deterministic sampler (TDM) -------------------------------------------------------
+    def few_step_scheduler(self, flow_shift: float = 1.0) -> Any:
+        """A Diffusers scheduler whose step is the deterministic first-order (DDIM / Euler) update
+        x' = α' x̂0 + σ' ε̂ and whose last step lands on x̂0: what a trajectory-distilled student is trained to take."""
+        raise NotImplementedError
+
+    def few_step_grid(self, scheduler: Any, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(timesteps, sigmas)`` that the pipeline's own call sets on ``scheduler`` for ``steps`` steps (the
+        timesteps the denoiser receives, in the 0..1000 convention of :meth:`predict`; ``sigmas`` for flow
+        schedulers, ``None`` for DDPM ones)."""
+        scheduler.set_timesteps(steps)
+        sigmas = getattr(scheduler, "sigmas", None) if self.prediction == "flow" else None
+        return scheduler.timesteps.clone(), None if sigmas is None else sigmas[:steps].clone().float()
+
 
 class PixArtTeacher(TeacherFamily):
     """``PixArtAlphaPipeline``: ε-prediction (the learned-σ channels are dropped), masked T5 text."""
@@ -181,6 +200,18 @@ class PixArtTeacher(TeacherFamily):
                             beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, prediction_type="epsilon",
                             original_inference_steps=num_ddim_timesteps, timestep_scaling=10.0,
                             set_alpha_to_one=True)
+
+    def few_step_scheduler(self, flow_shift: float = 1.0):
+        # DDIM on the "trailing" grid t_k = k·T/K − 1 (999, 749, 499, 249 for K = 4): it starts at the last
+        # training timestep (pure noise, as the student's rollout does), and set_alpha_to_one makes its last step
+        # return x̂0. η = 0 is PixArtAlphaPipeline's default.
+        from diffusers import DDIMScheduler
+
+        cfg = self.pipe.scheduler.config
+        return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                             beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+                             trained_betas=cfg.get("trained_betas"), prediction_type="epsilon",
+                             clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
 
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t of the teacher's training schedule (from its scheduler config, like Diffusers' DDPM schedulers)."""
@@ -256,12 +287,83 @@ class FluxTeacher(TeacherFamily):
 
         return FlowMatchLCMScheduler.from_config(self.pipe.scheduler.config)
 
+    def few_step_scheduler(self, flow_shift: float = 1.0):
+        # Euler is DDIM on the straight path; FluxPipeline hands it σ = linspace(1, 1/K, K) (then 0), shifted by
+        # `shift`. Dynamic shifting is off: the grid must not depend on the image size the student is called at.
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config, shift=flow_shift,
+                                                           use_dynamic_shifting=False)
+
+    def few_step_grid(self, scheduler, steps):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))  # what FluxPipeline.__call__ passes
+        return scheduler.timesteps.clone(), scheduler.sigmas[:steps].clone().float()
+
+
+class WanTeacher(TeacherFamily):
+    """``WanPipeline`` (Wan 2.1 layout, one transformer): rectified flow on video latents ``[C, F, H, W]``
+    normalised by the VAE's ``latents_mean`` / ``latents_std``, UMT5 text zero-padded to ``max_sequence_length``
+    (the transformer sees the padding, so it is kept), separate-pass CFG with ``guidance_scale``."""
+
+    prediction = "flow"
+    guidance_key = "guidance_scale"
+    video = True
+    data_free_only = True  # no video-clip encoder here: TDM-style (prompt-only) distillation only
+
+    def check_distillable(self) -> None:
+        if getattr(self.pipe, "transformer_2", None) is not None:
+            raise ValueError("this WanPipeline has two experts (Wan 2.2 transformer_2); distillation here trains "
+                             "one denoiser: use a Wan 2.1-style teacher with a single transformer.")
+
+    def _max_sequence_length(self) -> int:
+        from ..pipelines.contract import contract_of
+
+        return int(contract_of(self.pipe).get("max_sequence_length", 512))
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> Conditioning:
+        embeds = []
+        for i in range(0, len(captions), 256):
+            e, _ = self.pipe.encode_prompt(prompt=captions[i:i + 256], do_classifier_free_guidance=False,
+                                           max_sequence_length=self._max_sequence_length(), device=self.pipe.device)
+            embeds.append(e.float())
+        embeds_t = torch.cat(embeds)
+        return Conditioning({"encoder_hidden_states": embeds_t}, embeds_t.mean(1))
+
+    def encode_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+        raise ValueError("the Wan teacher family encodes no training images; use a data-free recipe (tdm, blade).")
+
+    def video_latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        pipe = self.pipe
+        frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        return (pipe.vae.config.z_dim, frames, height // pipe.vae_scale_factor_spatial,
+                width // pipe.vae_scale_factor_spatial)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise ValueError("a video latent needs a frame count: use video_latent_shape(height, width, num_frames).")
+
+    def predict(self, model, x, t, cond):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                     return_dict=False)[0]
+
+    def few_step_scheduler(self, flow_shift: float = 1.0):
+        # WanPipeline calls scheduler.set_timesteps(K) with no grid of its own, and FlowMatchEulerDiscreteScheduler
+        # would then end its grid at σ = 1/1000 (a wasted last step). First-order DPM-Solver++ in flow mode is DDIM /
+        # Euler exactly, and its flow sigmas give σ_k ≈ k/K (shifted by flow_shift), then 0.
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=self.pipe.scheduler.config.num_train_timesteps, prediction_type="flow_prediction",
+            use_flow_sigmas=True, flow_shift=flow_shift, solver_order=1, algorithm_type="dpmsolver++",
+            final_sigmas_type="zero", lower_order_final=True)
+
 
 #: Teacher families by Diffusers pipeline class name (matched along the pipeline class's MRO, so the sampler
 #: contract subclasses match their base).
 TEACHER_FAMILIES: dict[str, type[TeacherFamily]] = {
     "PixArtAlphaPipeline": PixArtTeacher,
     "FluxPipeline": FluxTeacher,
+    "WanPipeline": WanTeacher,
 }
 
 

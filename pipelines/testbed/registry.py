@@ -27,6 +27,7 @@ RESTORATION_NAMES: dict[str, str] = {"resshift": "resshift-bicubic"}
 #: ``assets/testbed-<name>`` (git-ignored). Each folder carries its own sampler contract.
 REBUILT_NAMES: dict[str, str] = {
     "bfm": "diffusion-accel train bfm --config flow-bfm --output_dir assets/testbed-bfm",
+    "pixart-tdm": "diffusion-accel train tdm --config pixart-tdm --output_dir assets/testbed-pixart-tdm",
 }
 
 
@@ -54,7 +55,7 @@ def testbed_path(name: str) -> Path:
     if not (path / "model_index.json").exists() and name in REBUILT_NAMES:
         raise FileNotFoundError(
             f"testbed:{name} is not shipped (it would not fit the assets' 50 MB budget); build it into {path} with "
-            f"`{REBUILT_NAMES[name]}` (the CPU recipe; see the README's Blockwise Flow Matching section).")
+            f"`{REBUILT_NAMES[name]}` (its CPU recipe; see the README).")
     if not (path / "model_index.json").exists() and name in STUDENT_NAMES:
         raise FileNotFoundError(
             f"The distilled student {name!r} is not in {path}. Train it with `diffusion-accel train "

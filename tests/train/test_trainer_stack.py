@@ -49,8 +49,8 @@ def test_bad_options_name_the_fix(values, message):
 def test_unknown_recipe_is_refused(capsys):
     assert train_main(["distil", "--output_dir", "x"]) == 2
     assert "unknown training recipe 'distil'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="choose one of: lcd, rglcd"):
-        recipe_class("tdm")
+    with pytest.raises(ValueError, match="choose one of: lcd, rglcd, tdm, blade"):
+        recipe_class("dmd")  # (tdm was the unknown example until it became a recipe)
 
 
 def test_output_folder_guards_leave_files_alone(tmp_path):
