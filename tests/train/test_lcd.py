@@ -118,7 +118,6 @@ def test_flux_lora_student_both_loading_paths_agree(tmp_path):
     del untouched
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not on PATH")
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo; accelerate 1.15's ``--cpu`` starts one
     process) with per-process batch 2 == 1 process with batch 4: same
@@ -132,10 +131,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "4",
                           "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_accel.train", "lcd",
-                          *args, "--train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
+    # the launcher of *this* interpreter: an `accelerate` script on PATH may belong to another environment, whose
+    # diffusion_accel is another checkout
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launch, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "2",
+                          "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stdout + two.stderr
     m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
