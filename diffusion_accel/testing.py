@@ -9,6 +9,11 @@ components and tokenizers made in code; :func:`run_pipe` calls one with a fixed 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +22,9 @@ import torch
 from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
-__all__ = ["FAMILIES", "assert_pickle_free", "compat_methods", "fingerprint", "linear_ag_spec", "method_name",
-           "pipe_outputs", "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline"]
+__all__ = ["FAMILIES", "assert_pickle_free", "compat_methods", "fingerprint", "kill_once_saved", "linear_ag_spec",
+           "method_name", "pipe_outputs", "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline",
+           "train_process", "two_process_launch"]
 
 
 def pipe_outputs(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
@@ -134,3 +140,29 @@ def assert_pickle_free(folder: str | Path) -> None:
             header = json.loads(data[8:8 + size])
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             assert 8 + size + end == len(data), f"{path}: not a safetensors file"
+
+
+def train_process(args: list[str], gpu: bool = False) -> subprocess.Popen:
+    """``python -m diffusion_accel.train ARGS`` of this interpreter, one thread, output captured; the CPU unless
+    ``gpu`` (CUDA hidden)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})}
+    return subprocess.Popen([sys.executable, "-m", "diffusion_accel.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_once_saved(process: subprocess.Popen, state_file: Path, timeout: float = 300.0) -> None:
+    """SIGKILL ``process`` as soon as ``state_file`` (the file a checkpoint writes last) exists: a run killed right
+    after a checkpoint, as a pre-empted job is. Fails if the file never appears."""
+    deadline = time.time() + timeout
+    while not state_file.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state_file.exists(), process.stdout.read() if process.stdout else state_file
+
+
+def two_process_launch() -> list[str]:
+    """``accelerate launch`` for two CPU processes (gloo), as *this* interpreter's module: an ``accelerate`` script on
+    PATH may belong to another environment, whose ``diffusion_accel`` is another checkout."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

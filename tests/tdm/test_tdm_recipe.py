@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_accel.testing import assert_pickle_free
+from diffusion_accel.testing import assert_pickle_free, kill_once_saved, train_process, two_process_launch
 from diffusion_accel.train import run_folder, train
 
 TINY_PIXART = dict(pretrained_teacher_model="tiny:pixart_alpha", guidance_scale=4.0, resolution=32,
@@ -117,12 +115,6 @@ def test_bad_input_names_the_fix_before_any_training(tmp_path, recipe, options, 
     assert not run_folder.checkpoints(tmp_path / "run")
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "diffusion_accel.train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 CLI = ["--pretrained_teacher_model", "tiny:pixart_alpha", "--guidance_scale", "4.0", "--resolution", "32",
        "--num_train_samples", "16", "--validation_steps", "0", "--learning_rate", "1e-3", "--ema_decay", "0.9"]
 
@@ -132,19 +124,14 @@ def test_killed_and_resumed_tdm_run_matches_an_uninterrupted_one(tmp_path):
     EMA, both optimizers' moments and both LR schedules end bit-identical (CPU, fixed seed)."""
     common = ["tdm", *CLI, "--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "3",
               "--lr_scheduler", "linear"]
-    straight = _cli([*common, "--output_dir", str(tmp_path / "straight")])
-    killed = _cli([*common, "--output_dir", str(tmp_path / "killed")])
+    straight = train_process([*common, "--output_dir", str(tmp_path / "straight")])
+    killed = train_process([*common, "--output_dir", str(tmp_path / "killed")])
     state = tmp_path / "killed" / "checkpoint-3" / run_folder.STATE_FILE
-    deadline = time.time() + 300
-    while not state.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert state.exists(), killed.stdout.read()
+    kill_once_saved(killed, state)
     assert_pickle_free(state.parent)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
-    resumed = _cli([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest"])
+    resumed = train_process([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest"])
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     a_dir, b_dir = tmp_path / "straight" / "checkpoint-6", tmp_path / "killed" / "checkpoint-6"
@@ -162,19 +149,14 @@ def test_killed_and_resumed_tdm_run_matches_an_uninterrupted_one(tmp_path):
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo), per-process batch 2 == one process with
-    batch 4: the same student and fake score, and both LR schedules stepped once per optimizer step.
-
-    The launcher runs as ``python -m accelerate.commands.launch`` of *this* interpreter: an ``accelerate`` script on
-    PATH may belong to another Python whose ``diffusion_accel`` is another checkout."""
+    batch 4: the same student and fake score, and both LR schedules stepped once per optimizer step."""
     args = [*CLI, "--max_train_steps", "3", "--checkpointing_steps", "0", "--lr_scheduler",
             "constant_with_warmup", "--lr_warmup_steps", "6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "tdm", *args, "--train_batch_size", "4",
                           "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = subprocess.run([*launch, "-m", "diffusion_accel.train", "tdm", *args, "--train_batch_size", "2",
+    two = subprocess.run([*two_process_launch(), "-m", "diffusion_accel.train", "tdm", *args, "--train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stdout + two.stderr
     m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())

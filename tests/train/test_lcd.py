@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_accel.testing import assert_pickle_free
+from diffusion_accel.testing import assert_pickle_free, two_process_launch
 from diffusion_accel.train import train
 from diffusion_accel.train.latent_reward import LatentRewardModel, pairwise_kl
 from diffusion_accel.train.lcd import FlowODE, boundary_scalings, huber
@@ -131,11 +131,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "4",
                           "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    # the launcher of *this* interpreter: an `accelerate` script on PATH may belong to another environment, whose
-    # diffusion_accel is another checkout
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = subprocess.run([*launch, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "2",
+    two = subprocess.run([*two_process_launch(), "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stdout + two.stderr
     m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())

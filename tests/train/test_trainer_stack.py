@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_accel.testing import assert_pickle_free
+from diffusion_accel.testing import assert_pickle_free, kill_once_saved, train_process
 from diffusion_accel.train import options as opts_mod
 from diffusion_accel.train import recipe_class, run_folder
 from diffusion_accel.train.cli import main as train_main
@@ -113,12 +108,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
-def _cli(args: list[str], gpu: bool = False, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})}
-    return subprocess.Popen([sys.executable, "-m", "diffusion_accel.train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 @pytest.mark.parametrize("precision", ["no", pytest.param("fp16", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="fp16 mixed precision (its grad scaler) and CUDA generators need a GPU"))])
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, precision):
@@ -128,19 +117,14 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, precision
     common = ["lcd", *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--lr_scheduler", "linear",
               "--learning_rate", "1e-3", "--ship_weights", "online", "--mixed_precision", precision]
     gpu = precision != "no"
-    straight = _cli([*common, "--output_dir", str(tmp_path / "straight")], gpu=gpu)
-    killed = _cli([*common, "--output_dir", str(tmp_path / "killed")], gpu=gpu)
+    straight = train_process([*common, "--output_dir", str(tmp_path / "straight")], gpu=gpu)
+    killed = train_process([*common, "--output_dir", str(tmp_path / "killed")], gpu=gpu)
     state = tmp_path / "killed" / "checkpoint-3" / run_folder.STATE_FILE
-    deadline = time.time() + 300
-    while not state.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert state.exists(), killed.stdout.read()
+    kill_once_saved(killed, state)
     assert_pickle_free(state.parent)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
-    resumed = _cli([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint",
+    resumed = train_process([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint",
                     str(tmp_path / "killed" / "checkpoint-3")], gpu=gpu)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
