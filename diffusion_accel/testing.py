@@ -23,8 +23,8 @@ from . import diffusers_internals as internals
 from .pipelines.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 __all__ = ["FAMILIES", "assert_pickle_free", "compat_methods", "fingerprint", "kill_once_saved", "linear_ag_spec",
-           "method_name", "pipe_outputs", "router_spec", "run_pipe", "tiny_call_kwargs", "tiny_pipeline",
-           "train_process", "two_process_launch"]
+           "method_name", "one_and_two_process_runs", "pipe_outputs", "router_spec", "run_pipe", "tiny_call_kwargs",
+           "tiny_pipeline", "train_process", "two_process_launch"]
 
 
 def pipe_outputs(pipe: Any, family: str, seed: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
@@ -166,3 +166,15 @@ def two_process_launch() -> list[str]:
     PATH may belong to another environment, whose ``diffusion_accel`` is another checkout."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def one_and_two_process_runs(recipe: str, args: list[str], folder: Path, global_batch: int = 4) -> tuple[Path, Path]:
+    """Train ``recipe`` twice on the CPU: one process at ``--train_batch_size global_batch`` into ``folder/one``, and
+    two gloo processes at half that each into ``folder/two`` (the same global batch); both must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = ((folder / "one", [sys.executable], global_batch), (folder / "two", two_process_launch(), global_batch // 2))
+    for out, launcher, batch in runs:
+        done = subprocess.run([*launcher, "-m", "diffusion_accel.train", recipe, *args, "--train_batch_size",
+                               str(batch), "--output_dir", str(out)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return folder / "one", folder / "two"

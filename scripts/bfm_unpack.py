@@ -52,9 +52,10 @@ def main(files: Path, dest: Path) -> None:
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(run, target)
+            source = source_folder(run)
             for component in SHARED:
-                if (source_folder(run) / component).exists():
-                    shutil.copytree((source_folder(run) / component).resolve(), target / component)
+                if (source / component).exists():
+                    shutil.copytree((source / component).resolve(), target / component)
             save_file({k: v.contiguous() for k, v in weights.items()}, str(target / WEIGHTS), metadata={"format": "pt"})
             print(f"{run.name}: {len(weights)} tensors -> {target}")
         for log in (Path(tmp) / "bfm").glob("*.log"):

@@ -126,18 +126,14 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
     from ..pipelines.testbed.shapes_net import adherence_per_image, load_real_statistics, verdicts_and_features
 
     pipes = {"teacher": load_pipeline(teacher), "lcd": load_pipeline(lcd)}
-    rglcd_error = None
-    if rglcd:
-        try:
-            pipes["rglcd"] = load_pipeline(rglcd)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            rglcd_error = str(exc)
-    tdm_error = None
-    if tdm:
-        try:
-            pipes["tdm"] = load_pipeline(tdm)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            tdm_error = str(exc)
+    unavailable: dict[str, str | None] = {}  # optional students that did not load: their rows are left out
+    for key, name in (("rglcd", rglcd), ("tdm", tdm)):
+        unavailable[key] = None
+        if name:
+            try:
+                pipes[key] = load_pipeline(name)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                unavailable[key] = str(exc)
     if tdm2:
         pipes["tdm2"] = load_pipeline(tdm2)
     for p in pipes.values():
@@ -224,7 +220,7 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
                            "fid_lower_is_better": c["fid_shapes"] - t["fid_shapes"]}
     return {"benchmark": "distill", "teacher": teacher,
             "students": {"lcd": lcd, "rglcd": rglcd, "tdm": tdm, "tdm2": tdm2},
-            "rglcd_unavailable": rglcd_error, "tdm_unavailable": tdm_error,
+            "rglcd_unavailable": unavailable["rglcd"], "tdm_unavailable": unavailable["tdm"],
             "judge": "shapes-judge" if judge is not None else None,
             "num_prompts": len(prompts), "repeats": repeats, "timing_batch": timing_batch,
             "threads": torch.get_num_threads(), "rows": report_rows, "claims": claims}

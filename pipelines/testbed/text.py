@@ -50,13 +50,21 @@ def build_t5(seed: int, d_model: int = T5_DIM, num_layers: int = 2):
     model = T5EncoderModel(config)
     with torch.no_grad():
         model.shared.weight.normal_(0.0, 1.0)
-        bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
-        half = config.relative_attention_num_buckets // 2
-        keep = [*range(0, T5_WINDOW + 1), *range(half + 1, half + T5_WINDOW + 1)]
-        values = torch.full_like(bias, _BLOCKED)
-        values[keep] = torch.randn(len(keep), bias.shape[1]) * 0.5
-        bias.copy_(values)
+        window_relative_attention(model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+                                  config.relative_attention_num_buckets)
     return model.eval().requires_grad_(False), tokenizer
+
+
+@torch.no_grad()
+def window_relative_attention(bias: torch.Tensor, num_buckets: int) -> None:
+    """In place: block every relative-position bucket of a (U)T5 attention bias ``[num_buckets, heads]`` outside
+    ``±T5_WINDOW`` tokens (both directions; bidirectional buckets put the positive offsets from ``num_buckets // 2``
+    on) and draw the kept ones N(0, 0.5²)."""
+    half = num_buckets // 2
+    keep = [*range(0, T5_WINDOW + 1), *range(half + 1, half + T5_WINDOW + 1)]
+    values = torch.full_like(bias, _BLOCKED)
+    values[keep] = torch.randn(len(keep), bias.shape[1]) * 0.5
+    bias.copy_(values)
 
 
 def build_clip(seed: int, hidden: int = CLIP_DIM, num_layers: int = 2):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..contract import with_sampler_contract
-from .text import _BLOCKED, T5_WINDOW
+from .text import window_relative_attention
 from .video_data import NUM_FRAMES, vocabulary
 
 Z_DIM = 8
@@ -53,15 +53,11 @@ def build_umt5(seed: int = 0, d_model: int = UMT5_DIM, num_layers: int = 2):
                         relative_attention_max_distance=128, decoder_start_token_id=0, pad_token_id=0,
                         eos_token_id=1, feed_forward_proj="relu", dropout_rate=0.0)
     model = UMT5EncoderModel(config)
-    half = config.relative_attention_num_buckets // 2
-    keep = [*range(0, T5_WINDOW + 1), *range(half + 1, half + T5_WINDOW + 1)]
     with torch.no_grad():
         model.shared.weight.normal_(0.0, 1.0)
         for block in model.encoder.block:
-            bias = block.layer[0].SelfAttention.relative_attention_bias.weight
-            values = torch.full_like(bias, _BLOCKED)
-            values[keep] = torch.randn(len(keep), bias.shape[1]) * 0.5
-            bias.copy_(values)
+            window_relative_attention(block.layer[0].SelfAttention.relative_attention_bias.weight,
+                                      config.relative_attention_num_buckets)
     return model.eval().requires_grad_(False), tokenizer
 
 

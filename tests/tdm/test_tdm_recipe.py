@@ -4,15 +4,12 @@ before any work, resume after SIGKILL, and two processes against one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_accel.testing import assert_pickle_free, kill_once_saved, train_process, two_process_launch
+from diffusion_accel.testing import assert_pickle_free, kill_once_saved, one_and_two_process_runs, train_process
 from diffusion_accel.train import run_folder, train
 
 TINY_PIXART = dict(pretrained_teacher_model="tiny:pixart_alpha", guidance_scale=4.0, resolution=32,
@@ -152,15 +149,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     batch 4: the same student and fake score, and both LR schedules stepped once per optimizer step."""
     args = [*CLI, "--max_train_steps", "3", "--checkpointing_steps", "0", "--lr_scheduler",
             "constant_with_warmup", "--lr_warmup_steps", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "tdm", *args, "--train_batch_size", "4",
-                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([*two_process_launch(), "-m", "diffusion_accel.train", "tdm", *args, "--train_batch_size", "2",
-                          "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stdout + two.stderr
-    m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
+    one, two = one_and_two_process_runs("tdm", args, tmp_path)
+    m1 = json.loads((one / "train_metrics.json").read_text())
+    m2 = json.loads((two / "train_metrics.json").read_text())
     assert m2["num_processes"] == 2 and m1["global_batch"] == m2["global_batch"] == 4
     for key, peak in (("lr", 1e-3), ("fake_lr", 5e-3)):  # half-way through warm-up, not at its end
         assert m1["final_logs"][key] == m2["final_logs"][key] == pytest.approx(peak / 2)
@@ -168,7 +159,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # gradient element near zero into a ±lr step, so float noise reaches ~1e-5. Another batch, a doubled LR step or
     # an unsynchronised fake score moves weights by ~lr (1e-3) and fails.
     for name in ("model", "model_1"):
-        a = load_file(str(tmp_path / "one" / "checkpoint-3" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "two" / "checkpoint-3" / f"{name}.safetensors"))
+        a = load_file(str(one / "checkpoint-3" / f"{name}.safetensors"))
+        b = load_file(str(two / "checkpoint-3" / f"{name}.safetensors"))
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-4, msg=f"{name}: {key}")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_accel.testing import assert_pickle_free, two_process_launch
+from diffusion_accel.testing import assert_pickle_free, one_and_two_process_runs
 from diffusion_accel.train import train
 from diffusion_accel.train.latent_reward import LatentRewardModel, pairwise_kl
 from diffusion_accel.train.lcd import FlowODE, boundary_scalings, huber
@@ -127,22 +124,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             "--num_train_samples", "32", "--max_train_steps", "4", "--lr_scheduler", "constant_with_warmup",
             "--learning_rate", "1e-3", "--lr_warmup_steps", "8", "--validation_steps", "0",
             "--checkpointing_steps", "0", "--ship_weights", "online"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "4",
-                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([*two_process_launch(), "-m", "diffusion_accel.train", "lcd", *args, "--train_batch_size", "2",
-                          "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stdout + two.stderr
-    m1 = json.loads((tmp_path / "one" / "train_metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "train_metrics.json").read_text())
+    one, two = one_and_two_process_runs("lcd", args, tmp_path)
+    m1 = json.loads((one / "train_metrics.json").read_text())
+    m2 = json.loads((two / "train_metrics.json").read_text())
     assert m2["num_processes"] == 2 and m1["global_batch"] == m2["global_batch"] == 4
     assert m1["final_logs"]["lr"] == m2["final_logs"]["lr"]  # half-way through warm-up, not at its end
-    final = tmp_path / "two" / "checkpoint-4"  # the main process's shared files and each process's generators
+    final = two / "checkpoint-4"  # the main process's shared files and each process's generators
     assert_pickle_free(final)
     assert {p.name for p in final.glob("random_states_*.json")} == {"random_states_0.json", "random_states_1.json"}
-    a = load_file(str(tmp_path / "one" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    a = load_file(str(one / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(two / "transformer" / "diffusion_pytorch_model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
