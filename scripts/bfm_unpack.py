@@ -39,6 +39,9 @@ def weights_for(row: str, files: Path) -> dict | None:
 
 
 def main(files: Path, dest: Path) -> None:
+    if not (files / "bfm.tgz").is_file():
+        raise SystemExit(f"{files} holds no bfm.tgz: pass the folder a `NAMES=bfm bash scripts/device_session.sh` run "
+                         "sent back (its <row>.safetensors and bfm.tgz).")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(files / "bfm.tgz") as tar:
             tar.extractall(tmp, filter="data")
@@ -63,4 +66,6 @@ def main(files: Path, dest: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python scripts/bfm_unpack.py FILES_DIR DEST (DEST's row folders are replaced)")
     main(Path(sys.argv[1]), Path(sys.argv[2]))
