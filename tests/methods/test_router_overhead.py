@@ -1,0 +1,75 @@
+"""The router-overhead account: the free-reuse ceiling is computed from the right cells, the per-unit table covers
+every forward, and the MACs ratio it rebuilds from flop-counter shares is the one the flop counter gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusion_accel.pipelines.adapters import find_adapter
+from diffusion_accel.pipelines.tiny import tiny_call_kwargs
+
+from diffusion_accel.bench import count_denoiser_macs, parse_method_specs
+from diffusion_accel.benchmarks.router_overhead import account, free_reuse_ratio, unit_seconds
+from diffusion_accel.cache_router import CacheRouter
+from diffusion_accel.testing import tiny_pipeline
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_pipeline("pixart_alpha")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call():
+    kwargs = {**tiny_call_kwargs("pixart_alpha"), "num_inference_steps": STEPS, "clean_caption": False,
+              "output_type": "pt"}
+    kwargs["generator"] = [torch.Generator().manual_seed(0)]
+    return kwargs
+
+
+def test_free_reuse_ratio_counts_only_reused_cells():
+    seconds = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    compute = torch.tensor([[True, True], [False, True]])
+    # 20 s of denoiser time, the reused cell (step 1, unit 0) took 3 s
+    assert free_reuse_ratio(seconds, 20.0, compute) == pytest.approx(20.0 / 17.0)
+    assert free_reuse_ratio(seconds, 20.0, torch.ones(2, 2, dtype=torch.bool)) == 1.0
+
+
+def test_unit_table_covers_every_step_and_unit(pipe):
+    units = find_adapter(pipe).routing_units(pipe)
+    table, denoiser_seconds = unit_seconds(pipe, units, _call(), STEPS, repeats=1)
+    assert table.shape == (STEPS, len(units))
+    assert bool((table > 0).all())
+    assert 0 < float(table.sum()) < denoiser_seconds
+    with pytest.raises(ValueError, match="not a whole number per step"):
+        unit_seconds(pipe, units, _call(), STEPS + 1, repeats=1)
+
+
+def test_account_rebuilds_the_flop_counters_macs_ratio(pipe, tmp_path):
+    units = find_adapter(pipe).routing_units(pipe)
+    logits = torch.randn(STEPS, len(units), generator=torch.Generator().manual_seed(3))
+    folder = CacheRouter.for_pipeline(pipe, STEPS, None, logits=logits).save(tmp_path / "router")
+    result = account(pipe, folder, _call(), threshold=0.5, repeats=1)
+    baseline, routed = parse_method_specs(f"baseline,harmonica:router={folder}:threshold=0.5")
+    counted = count_denoiser_macs(pipe, _call(), baseline) / count_denoiser_macs(pipe, _call(), routed)
+    assert result["macs_ratio"] == pytest.approx(counted, rel=1e-7)  # shares are float sums
+    assert result["macs_ratio"] > 1.0
+    assert sum(s["time_share"] for s in result["shares"].values()) == pytest.approx(1.0)
+    assert sum(s["macs_share"] for s in result["shares"].values()) == pytest.approx(1.0)
+    assert set(result["shares"]) == {"attn1", "attn2", "ff", "outside units"}
+    assert result["free_reuse_ratio"] > 1.0
+
+
+def test_account_refuses_a_router_of_another_layout(pipe, tmp_path):
+    units = find_adapter(pipe).routing_units(pipe)
+    folder = CacheRouter.for_pipeline(pipe, STEPS, None, logits=torch.zeros(STEPS, len(units))).save(tmp_path / "r")
+    router = CacheRouter.load(folder)
+    router.config["units"] = router.units[:-1]
+    router.logits = router.logits[:, :-1]
+    router.trainable = router.trainable[:, :-1]
+    router.save(tmp_path / "short")
+    with pytest.raises(ValueError, match="units do not match"):
+        account(pipe, tmp_path / "short", _call(), repeats=1)
