@@ -7,9 +7,10 @@
    peers at settings around the same MACs (Δ-cache, FirstBlockCache, TaylorSeer, DBCache). For each peer the
    setting closest to HarmoniCa's measured MACs ratio is the one compared.
 2. The speed tier (same classes, random weights, compute-sized): the wall speed-up of a router schedule against
-   its counted MACs ratio, i.e. the router's overhead. The trained router belongs to the quality model (6 blocks),
-   so the speed tier runs it stretched to the deeper model: block i of D takes the decisions of block
-   ⌊i·D_q/D⌋ (same branches, same steps, same τ).
+   its counted MACs ratio, split by :mod:`.router_overhead` into the ceiling the schedule has on this machine if
+   reuse cost nothing (work outside the units, unequal speed per MAC) and the router's own overhead. The trained
+   router belongs to the quality model (6 blocks), so the speed tier runs it stretched to the deeper model: block
+   i of D takes the decisions of block ⌊i·D_q/D⌋ (same branches, same steps, same τ).
 
 Writes ``learned_cache.json`` / ``.md``, the bench's own files, and ``pareto_learned_cache.png`` (MACs ratio vs
 PSNR and vs paired adherence difference).
@@ -150,6 +151,31 @@ def verdict(report: dict[str, Any], pipeline: str, harmonica: str) -> dict[str, 
     }
 
 
+def speed_tier(pipeline: str, quality_router: str, out: Path, repeats: int) -> dict[str, Any]:
+    """The quality router stretched over the speed tier, accounted by :func:`.router_overhead.account`; written to
+    ``out/speed/router_overhead.json``."""
+    from ..bench import call_kwargs
+    from ..cache_router import CacheRouter
+    from ..loading import base_call_kwargs, load_pipeline
+    from ..prompts import bench_prompts
+    from .router_overhead import account
+    from .router_overhead import markdown as overhead_markdown
+
+    pipe = load_pipeline(pipeline, tier="speed")
+    pipe.set_progress_bar_config(disable=True)
+    stretched = stretched_router(quality_router, pipe, out / "speed_router")
+    router = CacheRouter.load(stretched)
+    call = call_kwargs(pipe, "", bench_prompts(pipeline, 1), base_call_kwargs(pipeline, tier="speed"),
+                       router.num_steps, router.config.get("guidance_scale"), None, [0])
+    speed = account(pipe, stretched, call, repeats=repeats)
+    speed.update(speedup_wall=speed["end_to_end_wall_ratio"], wall_over_macs=speed["end_to_end_over_macs"],
+                 within_5_percent=speed["end_to_end_wall_ratio"] >= 0.95 * speed["macs_ratio"])
+    (out / "speed").mkdir(parents=True, exist_ok=True)
+    (out / "speed" / "router_overhead.json").write_text(json.dumps(speed, indent=2))
+    print(overhead_markdown(speed))
+    return speed
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..bench import markdown_table, run_bench
     from ..loading import load_pipeline
@@ -166,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also", default=None, help="more method specs for the same run (comma list)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="skip the speed-tier overhead run")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the speed-tier overhead run (out/speed/router_overhead.json)")
     parser.add_argument("--out", default=None, help="default: docs/results/learned_cache_<testbed>")
     args = parser.parse_args(argv)
     name = args.pipeline.split(":", 1)[1]
@@ -178,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     h_router = args.harmonica_router or str(shipped_router(pipe, "harmonica"))
     l_router = args.l2c_router or str(shipped_router(pipe, "l2c"))
     del pipe
+    if args.speed_only:
+        speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))
+        return 0
     specs = ["baseline", f"harmonica:router={h_router}:target_macs_ratio={target}"]
     specs += [f"harmonica:router={h_router}:target_macs_ratio={t}" for t in args.extra_targets.split(",") if t]
     specs.append(f"l2c:router={l_router}:target_macs_ratio={target}")
@@ -191,18 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report))
 
     if not args.no_speed:
-        speed_pipe = load_pipeline(args.pipeline, tier="speed")
-        stretched = stretched_router(h_router, speed_pipe, out / "speed_router")
-        del speed_pipe
-        speed = run_bench(args.pipeline, f"baseline,harmonica:router={stretched}", tier="speed",
-                          num_prompts=1, repeats=max(args.repeats, 5), out_dir=out / "speed",
-                          json_path=out / "speed" / "bench.json", cache_dir=None)
-        row = speed["methods"][f"harmonica:router={stretched}"]
-        result["speed"] = {"macs_ratio": row["macs_ratio"], "speedup_wall": row["speedup_wall"],
-                           "wall_over_macs": row["speedup_wall"] / row["macs_ratio"],
-                           "within_5_percent": row["speedup_wall"] >= 0.95 * row["macs_ratio"],
-                           "median_wall_s": speed["settings"]["median_wall_s"]}
-        print(markdown_table(speed))
+        result["speed"] = speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))
     (out / "learned_cache.json").write_text(json.dumps(result, indent=2, default=str))
     v = result["verdict"]
     lines = [f"# Learned cache routers on {args.pipeline}", "", markdown_table(report), "",
@@ -214,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{report['methods'][harmonica_label]['psnr_vs_baseline']:.2f} dB "
                      f"({'higher' if p['harmonica_psnr_higher'] else 'lower'})")
     if "speed" in result:
+        from .router_overhead import markdown as overhead_markdown
+
         s = result["speed"]
         lines.append(f"\nSpeed tier (router stretched to the deeper model): MACs {s['macs_ratio']:.3f}x, wall "
-                     f"{s['speedup_wall']:.3f}x, wall / MACs = {s['wall_over_macs']:.3f}")
+                     f"{s['speedup_wall']:.3f}x, wall / MACs = {s['wall_over_macs']:.3f}; if reuse cost nothing: "
+                     f"{s['free_reuse_ratio']:.3f}x ({s['free_reuse_over_macs']:.3f} of MACs), router overhead "
+                     f"{100 * s['router_overhead']:+.1f} %\n\n" + overhead_markdown(s))
     (out / "learned_cache.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     return 0
