@@ -470,6 +470,9 @@ def run_wan(prompts_count: int = 64, teacher: str = "testbed:wan", tdm: str | No
             return {"adherence": blade_row["adherence"] - other["adherence"],
                     "adherence_paired": paired_summary(_flags(metrics, other["label"]),
                                                        _flags(metrics, blade_row["label"])),
+                    "attributes_paired": {a: paired_summary(attributes[other["label"]][a],
+                                                            attributes[blade_row["label"]][a])
+                                          for a in bv.ATTRIBUTES},
                     "vbench_total": blade_row["vbench"]["dims"][bv.TOTAL_KEY] - other["vbench"]["dims"][bv.TOTAL_KEY],
                     "fid_lower_is_better": other["fid_shapes"] - blade_row["fid_shapes"],
                     "psnr_to_reference": blade_row["psnr_to_reference"] - other["psnr_to_reference"]}
