@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusion_accel.pipelines.testbed import registry
+from diffusion_accel.pipelines.testbed.registry import VIDEO_STUDENT_NAMES, default_call_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import diffusion_accel as da
-from diffusion_accel.pipelines.testbed import registry
-from diffusion_accel.pipelines.testbed.registry import VIDEO_STUDENT_NAMES, default_call_kwargs
 
 
 def _folder(name):
@@ -27,9 +27,9 @@ def _folder(name):
 @pytest.mark.parametrize("name", VIDEO_STUDENT_NAMES)
 def test_shipped_wan_student_samples_its_steps_and_sparse_config_from_a_plain_call(name):
     from diffusers import DiffusionPipeline, WanPipeline
+    from diffusion_accel.pipelines.contract import stored_methods
 
     from diffusion_accel.loading import load_pipeline
-    from diffusion_accel.pipelines.contract import stored_methods
 
     folder = _folder(name)
     contract = default_call_kwargs(name)
@@ -82,7 +82,6 @@ def test_store_fp16_rounds_weights_and_from_pretrained_gives_fp32(tmp_path):
     """On a fresh quality-tier Wan transformer: the rewritten file is fp16, ``from_pretrained`` returns fp32
     weights equal to the rounded ones, and the forward moves by about fp16's rounding only."""
     from diffusers import WanTransformer3DModel
-
     from diffusion_accel.pipelines.testbed.students import store_fp16
     from diffusion_accel.pipelines.testbed.wan import UMT5_DIM, Z_DIM, build_transformer
 
