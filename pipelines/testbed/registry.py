@@ -8,15 +8,24 @@ from typing import Any
 from .models import SAMPLER_CONTRACTS, TESTBED_NAMES
 from .shapes_net import assets_root
 
-__all__ = ["REBUILT_NAMES", "RESTORATION_NAMES", "STUDENT_NAMES", "TESTBED_NAMES", "VIDEO_TESTBED_NAMES",
-           "asset_dir_name", "default_call_kwargs", "testbed_path"]
+__all__ = ["REBUILT_NAMES", "RESTORATION_NAMES", "STUDENT_NAMES", "STUDENT_TEACHERS", "TESTBED_NAMES",
+           "VIDEO_STUDENT_NAMES", "VIDEO_TESTBED_NAMES", "asset_dir_name", "default_call_kwargs", "testbed_path"]
 
 #: Video testbeds (:mod:`.wan`): trained like the image ones, judged by :mod:`.video_judge`.
 VIDEO_TESTBED_NAMES: tuple[str, ...] = ("wan",)
 
 #: Students distilled from a testbed pipeline (``diffusion-accel train``): name → the recipe that made them. Each
 #: folder carries its own sampler contract (scheduler, steps, guidance off).
-STUDENT_NAMES: dict[str, str] = {"pixart-lcm": "lcd", "pixart-rglcd": "rglcd"}
+STUDENT_NAMES: dict[str, str] = {"pixart-lcm": "lcd", "pixart-rglcd": "rglcd", "wan-tdm": "tdm", "wan-blade": "blade"}
+
+#: The students of the video testbed ``testbed:wan`` (``WanPipeline``s; ``wan-blade`` samples under the block-sparse
+#: attention it was trained with, stored in its ``model_index.json``). Their transformers are stored in fp16 and load
+#: back as fp32 (Diffusers' default dtype), which keeps ``assets/`` under its budget.
+VIDEO_STUDENT_NAMES: tuple[str, ...] = ("wan-tdm", "wan-blade")
+
+#: The testbed each student was distilled from: its VAE, text encoder and tokenizer are that folder's (links).
+STUDENT_TEACHERS: dict[str, str] = {"pixart-lcm": "pixart", "pixart-rglcd": "pixart", "wan-tdm": "wan",
+                                    "wan-blade": "wan"}
 
 #: Image-restoration pipelines trained on the testbed's images and VAE: name → the preset that trains them
 #: (``diffusion-accel train resshift --config <preset>``). They take a low-resolution image, not a prompt; the
@@ -59,7 +68,8 @@ def testbed_path(name: str) -> Path:
     if not (path / "model_index.json").exists() and name in STUDENT_NAMES:
         raise FileNotFoundError(
             f"The distilled student {name!r} is not in {path}. Train it with `diffusion-accel train "
-            f"{STUDENT_NAMES[name]} --config configs/train/{name}.yaml` (see the README's trainers section).")
+            f"{STUDENT_NAMES[name]} --config {name} --output_dir runs/{name}` and ship it with `python -m "
+            f"diffusion_accel.pipelines.testbed.students runs/{name} {name}` (see the README's trainers section).")
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(
             f"The testbed pipeline {name!r} is not in {path}. Train it with "

@@ -1,10 +1,16 @@
-"""Ship a distilled student of a testbed pipeline into ``assets/`` (``testbed:pixart-lcm``, ``testbed:pixart-rglcd``),
-or a restoration pipeline trained in the testbed VAE's latent space (``testbed:resshift``).
+"""Ship a distilled student of a testbed pipeline into ``assets/`` (``testbed:pixart-lcm``, ``testbed:pixart-rglcd``,
+the video students ``testbed:wan-tdm`` and ``testbed:wan-blade``), or a restoration pipeline trained in the testbed
+VAE's latent space (``testbed:resshift``).
 
 A training run's folder holds checkpoints, validation grids and logs besides the pipeline; the shipped folder keeps
 the pipeline only. The student's frozen components (VAE, text encoder, tokenizer) are the teacher's, byte for byte,
 so they are linked to the teacher's folder (relative symlinks) instead of stored twice: ``assets/`` stays under its
 50 MB budget, and ``from_pretrained`` and the wheel build follow the links.
+
+The video students' transformers are stored in fp16 (:data:`~.registry.VIDEO_STUDENT_NAMES`; 0.56 MB instead of
+1.13 MB each): Diffusers loads a checkpoint into the model's default dtype when no ``torch_dtype`` is given, so
+``load_pipeline`` and ``DiffusionPipeline.from_pretrained`` return fp32 weights that are the fp32 training weights
+rounded to fp16 (:func:`store_fp16`).
 
 ``python -m diffusion_accel.pipelines.testbed.students <run_dir> <name>``
 """
@@ -18,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .registry import RESTORATION_NAMES, STUDENT_NAMES, asset_dir_name
+from .registry import RESTORATION_NAMES, STUDENT_NAMES, STUDENT_TEACHERS, VIDEO_STUDENT_NAMES, asset_dir_name
 from .shapes_net import assets_root
 
 COPIED = ("model_index.json", "pipeline_with_contract.py", "scheduler", "transformer", "distillation.json",
@@ -47,10 +53,34 @@ def _same_component(a: Path, b: Path) -> bool:
     return True
 
 
-def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Path:
-    """Copy the pipeline of training run ``run_dir`` to ``assets/testbed-<name>``; returns that folder."""
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def store_fp16(component: Path) -> dict[str, float]:
+    """Rewrite ``component``'s fp32 safetensors weights in fp16 (same names and shapes, metadata kept); returns the
+    largest absolute and relative rounding error of a weight."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = component / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    weights = load_file(str(path))
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in weights.items()}
+    abs_err = max(float((half[k].float() - v.float()).abs().max()) for k, v in weights.items())
+    rel_err = max(float(((half[k].float() - v.float()).abs() / v.float().abs().clamp_min(1e-6)).max())
+                  for k, v in weights.items() if v.is_floating_point() and v.abs().max() > 0)
+    save_file(half, str(path), metadata=metadata)
+    path.chmod(0o644)
+    return {"max_abs_weight_error": abs_err, "max_rel_weight_error": rel_err}
+
+
+def ship_student(run_dir: str | Path, name: str, teacher: str | None = None) -> Path:
+    """Copy the pipeline of training run ``run_dir`` to ``assets/testbed-<name>``; returns that folder. ``teacher``:
+    the testbed whose frozen components are linked (default: the student's, :data:`~.registry.STUDENT_TEACHERS`)."""
     if name not in STUDENT_NAMES and name not in RESTORATION_NAMES:
         raise ValueError(f"unknown student {name!r}; known: {', '.join((*STUDENT_NAMES, *RESTORATION_NAMES))}")
+    teacher = teacher or STUDENT_TEACHERS.get(name, "pixart")
     copied, shared = ((RESTORATION_COPIED, RESTORATION_SHARED) if name in RESTORATION_NAMES
                       else (COPIED, SHARED_WITH_TEACHER))
     run_dir = Path(run_dir)
@@ -71,6 +101,12 @@ def ship_student(run_dir: str | Path, name: str, teacher: str = "pixart") -> Pat
             shutil.copy2(src, dest / item)
     for component in shared:
         os.symlink(Path("..") / teacher_dir.name / component, dest / component, target_is_directory=True)
+    if name in VIDEO_STUDENT_NAMES:
+        errors = store_fp16(dest / "transformer")
+        record_path = dest / "distillation.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record["stored_weights"] = {"transformer": "float16 safetensors, loaded as float32", **errors}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
     return dest
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusion_accel.pipelines.testbed import registry
-from diffusion_accel.pipelines.testbed.registry import STUDENT_NAMES, default_call_kwargs
+from diffusion_accel.pipelines.testbed.registry import STUDENT_NAMES, VIDEO_STUDENT_NAMES, default_call_kwargs
 
 
-@pytest.mark.parametrize("name", sorted(STUDENT_NAMES))
+@pytest.mark.parametrize("name", sorted(set(STUDENT_NAMES) - set(VIDEO_STUDENT_NAMES)))  # video: test_wan_students
 def test_shipped_student_loads_and_samples_by_its_contract(name):
     from diffusers import DiffusionPipeline, LCMScheduler, PixArtAlphaPipeline
 
