@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffusion_accel.benchmarks import distill
+from diffusion_accel.benchmarks import distill, distill_wan
 
 
 def test_self_attention_core_macs_is_what_the_flop_counter_counts():
@@ -26,19 +26,19 @@ def test_self_attention_core_macs_is_what_the_flop_counter_counts():
     counts = counter.get_flop_counts()
     cores = sum(v for k, ops in counts.items() if k.endswith(".attn1") for op, v in ops.items()
                 if "bmm" in str(op) or "attention" in str(op)) / 2
-    assert cores == distill.self_attention_core_macs(48, transformer_config("quality"))
-    speed = distill.speed_tier_forward_macs()
+    assert cores == distill_wan.self_attention_core_macs(48, transformer_config("quality"))
+    speed = distill_wan.speed_tier_forward_macs()
     assert speed["tokens"] == 17160 and 0.8 < speed["self_attention_core_macs"] / speed["forward_macs"] < 0.95
     assert speed["asa_estimate_macs"] < 0.01 * speed["self_attention_core_macs"]
 
 
 def test_wan_rows_are_the_issues_rows():
     sparse = {"method": "sparse_attention", "mask": "asa", "block_size": 4}
-    labels = [r.label for r in distill.wan_rows(True, True, sparse)]
+    labels = [r.label for r in distill_wan.wan_rows(True, True, sparse)]
     assert labels == ["teacher 25 steps, CFG (reference)", "teacher 8 steps, CFG", "teacher 4 steps, CFG",
                       "TDM 4 steps (dense student)", "TDM 4 steps + ASA (training-free)",
                       "BLADE 4 steps (trained sparse)"]
-    post = distill.wan_rows(True, True, sparse)[4]
+    post = distill_wan.wan_rows(True, True, sparse)[4]
     assert post.pipeline == "tdm" and post.method == sparse
 
 
