@@ -135,3 +135,24 @@ def test_pinned_steps_run_one_plain_forward_and_train_the_same_router(tmp_path, 
     # Per trajectory: 1 + 5·2 forwards in full vs 3 pinned + 3 routed·2 = 9; per λ refresh (steps 0 and 2):
     # 6 + Σ_{k=1..5}(6 − k) = 21 forwards vs 6 + the finishes of x0^{(≤0)}, x0^{(≤1)}, x0^{(≤3)} (5 + 4 + 2) = 17.
     assert counts[False] - counts[True] == 3 * (11 - 9) + 2 * (21 - 17)
+
+
+@pytest.mark.parametrize(("preset", "recipe", "folder"), [
+    ("pixart-harmonica", "harmonica", "testbed-pixart/routers/harmonica"),
+    ("pixart-l2c", "l2c", "testbed-pixart/routers/l2c"),
+    ("flow-harmonica", "harmonica", "testbed-flow/routers/harmonica"),
+    ("flow-l2c", "l2c", "testbed-flow/routers/l2c"),
+])
+def test_router_presets_are_the_shipped_recipes(preset, recipe, folder):
+    """Each router preset is a valid recipe and the shipped router's training record ran exactly it."""
+    import json
+
+    from diffusion_accel.pipelines.testbed.shapes_net import assets_root
+    from diffusion_accel.train import recipe_class
+    from diffusion_accel.train.options import build_options, load_config_file
+
+    values = load_config_file(preset)
+    build_options(recipe_class(recipe).options_class, {**values, "output_dir": "unused"})
+    record = json.loads((assets_root() / folder / "training.json").read_text())
+    assert record["recipe"] == recipe
+    assert {k: record["options"][k] for k in values} == values
