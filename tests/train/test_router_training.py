@@ -148,6 +148,7 @@ def test_router_presets_are_the_shipped_recipes(preset, recipe, folder):
     import json
 
     from diffusion_accel.pipelines.testbed.shapes_net import assets_root
+
     from diffusion_accel.train import recipe_class
     from diffusion_accel.train.options import build_options, load_config_file
 
