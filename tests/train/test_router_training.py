@@ -108,3 +108,52 @@ def test_iepo_trajectories_share_their_prefix_exactly():
             assert torch.equal(shared[k], x), k
     assert not torch.equal(shared[0], shared[-1])
     recipe.units.uninstall()
+
+
+def test_pinned_steps_run_one_plain_forward_and_train_the_same_router(tmp_path, monkeypatch):
+    """With --full_every_other_step the even steps are pinned to compute: the trainer runs them as one plain forward
+    (no routed forward, no target) and skips finishing their IEPO trajectory (it equals the previous one). The router,
+    its λ and the logged loss are the same, bit for bit, as running every step in full; the denoiser runs fewer
+    times."""
+    common = {**TINY, "num_inference_steps": 6, "max_train_steps": 3, "lambda_refresh_steps": 2,
+              "num_lambda_prompts": 2, "full_every_other_step": True, "init_std": 1.0}
+    calls = {"n": 0}
+    original = harmonica.RouterRecipe.guided
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(harmonica.RouterRecipe, "guided", counted)
+    records, counts = {}, {}
+    for skip in (False, True):
+        monkeypatch.setattr(harmonica.RouterRecipe, "skip_pinned_steps", skip)
+        calls["n"] = 0
+        records[skip] = train("harmonica", output_dir=str(tmp_path / str(skip)), **common)
+        counts[skip] = calls["n"]
+    assert torch.equal(_logits(tmp_path / "False"), _logits(tmp_path / "True"))
+    # Per trajectory: 1 + 5·2 forwards in full vs 3 pinned + 3 routed·2 = 9; per λ refresh (steps 0 and 2):
+    # 6 + Σ_{k=1..5}(6 − k) = 21 forwards vs 6 + the finishes of x0^{(≤0)}, x0^{(≤1)}, x0^{(≤3)} (5 + 4 + 2) = 17.
+    assert counts[False] - counts[True] == 3 * (11 - 9) + 2 * (21 - 17)
+
+
+@pytest.mark.parametrize(("preset", "recipe", "folder"), [
+    ("pixart-harmonica", "harmonica", "testbed-pixart/routers/harmonica"),
+    ("pixart-l2c", "l2c", "testbed-pixart/routers/l2c"),
+    ("flow-harmonica", "harmonica", "testbed-flow/routers/harmonica"),
+    ("flow-l2c", "l2c", "testbed-flow/routers/l2c"),
+])
+def test_router_presets_are_the_shipped_recipes(preset, recipe, folder):
+    """Each router preset is a valid recipe and the shipped router's training record ran exactly it."""
+    import json
+
+    from diffusion_accel.pipelines.testbed.shapes_net import assets_root
+
+    from diffusion_accel.train import recipe_class
+    from diffusion_accel.train.options import build_options, load_config_file
+
+    values = load_config_file(preset)
+    build_options(recipe_class(recipe).options_class, {**values, "output_dir": "unused"})
+    record = json.loads((assets_root() / folder / "training.json").read_text())
+    assert record["recipe"] == recipe
+    assert {k: record["options"][k] for k in values} == values
