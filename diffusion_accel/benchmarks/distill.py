@@ -118,6 +118,22 @@ def _generate(pipe: Any, row: Row, prompts: list[str], seeds: list[int]) -> np.n
     return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
 
 
+def load_optional(pipes: dict[str, Any], students: dict[str, str | None]) -> dict[str, str | None]:
+    """Load each named optional student into ``pipes``; returns, per key, why it did not load (``None``: it did, or
+    it was not asked for). Its rows are left out, not the benchmark."""
+    from ..loading import load_pipeline
+
+    unavailable: dict[str, str | None] = {}
+    for key, name in students.items():
+        unavailable[key] = None
+        if name:
+            try:
+                pipes[key] = load_pipeline(name)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                unavailable[key] = str(exc)
+    return unavailable
+
+
 def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "testbed:pixart-lcm",
         rglcd: str | None = "testbed:pixart-rglcd", repeats: int = 3, timing_batch: int = 8, batch: int = 16,
         fid_resamples: int = 200, tdm: str | None = "testbed:pixart-tdm", tdm2: str | None = None) -> dict[str, Any]:
@@ -128,14 +144,7 @@ def run(prompts_count: int = 64, teacher: str = "testbed:pixart", lcd: str = "te
     from ..pipelines.testbed.shapes_net import adherence_per_image, load_real_statistics, verdicts_and_features
 
     pipes = {"teacher": load_pipeline(teacher), "lcd": load_pipeline(lcd)}
-    unavailable: dict[str, str | None] = {}  # optional students that did not load: their rows are left out
-    for key, name in (("rglcd", rglcd), ("tdm", tdm)):
-        unavailable[key] = None
-        if name:
-            try:
-                pipes[key] = load_pipeline(name)
-            except (ValueError, FileNotFoundError, OSError) as exc:
-                unavailable[key] = str(exc)
+    unavailable = load_optional(pipes, {"rglcd": rglcd, "tdm": tdm})
     if tdm2:
         pipes["tdm2"] = load_pipeline(tdm2)
     for p in pipes.values():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distill import Row, _row_context
+from .distill import Row, _row_context, load_optional
 
 #: The video rows' sparse-attention density (the issue's: BLADE and the dense student's post-hoc ASA at 0.2).
 WAN_DENSITY = 0.2
@@ -107,14 +107,7 @@ def run_wan(prompts_count: int = 64, teacher: str = "testbed:wan", tdm: str | No
     from ..pipelines.testbed.wan import transformer_config as wan_transformer_config
 
     pipes = {"teacher": load_pipeline(teacher)}
-    unavailable: dict[str, str | None] = {}
-    for key, name in (("tdm", tdm), ("blade", blade)):
-        unavailable[key] = None
-        if name:
-            try:
-                pipes[key] = load_pipeline(name)
-            except (ValueError, FileNotFoundError, OSError) as exc:
-                unavailable[key] = str(exc)
+    unavailable = load_optional(pipes, {"tdm": tdm, "blade": blade})
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
     sparse = None
