@@ -200,6 +200,24 @@ class CacheRouter:
         return cls(tensors["logits"].float(), tensors["trainable"].bool(), cfg)
 
 
+@torch.no_grad()
+def measure_unit_macs_shares(pipe: Any, denoiser: torch.nn.Module, unit_names: list[str],
+                             call: dict[str, Any]) -> tuple[list[float], float]:
+    """Each unit's share of ``denoiser``'s MACs in one call ``pipe(**call)`` (``torch.utils.flop_counter``, the
+    call's own text length and batch layout) and the share outside every unit: what ``unit_macs_share`` /
+    ``rest_macs_share`` of a router file record."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pipe(**call)
+    counts = counter.get_flop_counts()
+    root = type(denoiser).__name__
+    total = float(sum(counts.get(root, {}).values()))
+    shares = [float(sum(counts.get(f"{root}.{name}", {}).values())) / total for name in unit_names]
+    return shares, 1.0 - sum(shares)
+
+
 def call_mismatch(trained_steps: int, trained_guidance: float | None, num_steps: int | None,
                   guidance: float | None) -> str | None:
     """Why a router trained for ``trained_steps`` steps at ``trained_guidance`` cannot drive a call with

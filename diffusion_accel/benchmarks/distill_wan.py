@@ -99,6 +99,7 @@ def run_wan(prompts_count: int = 64, teacher: str = "testbed:wan", tdm: str | No
 
     from .. import bench
     from .. import bench_video as bv
+    from ..api import _session_of
     from ..eval.paired import claim_within, paired_summary
     from ..loading import load_pipeline
     from ..pipelines.contract import stored_methods
@@ -137,7 +138,7 @@ def run_wan(prompts_count: int = 64, teacher: str = "testbed:wan", tdm: str | No
                 output, m = bench.generate_counting_macs(pipe, call(row, i, batch))
                 chunks.append(bench.to_uint8(output))
                 total += m
-                if _has_session(pipe):  # a sparse row: the density its masks kept
+                if _session_of(pipe) is not None:  # a sparse row: the density its masks kept
                     densities.append(bench._attention_density(da.stats(pipe)))
         clips[row.label] = np.concatenate(chunks)
         macs[row.label] = total / len(prompts)
@@ -242,10 +243,6 @@ def run_wan(prompts_count: int = 64, teacher: str = "testbed:wan", tdm: str | No
 
 def _flags(metrics: dict[str, Any], label: str) -> list[bool]:
     return list(metrics[label][0])
-
-
-def _has_session(pipe: Any) -> bool:
-    return getattr(pipe, "_diffusion_accel_session", None) is not None
 
 
 def _quality_tokens(pipe: Any) -> int:

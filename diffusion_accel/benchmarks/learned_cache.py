@@ -153,13 +153,12 @@ def verdict(report: dict[str, Any], pipeline: str, harmonica: str) -> dict[str, 
 
 def speed_tier(pipeline: str, quality_router: str, out: Path, repeats: int) -> dict[str, Any]:
     """The quality router stretched over the speed tier, accounted by :func:`.router_overhead.account`; written to
-    ``out/speed/router_overhead.json``."""
+    ``out/speed/router_overhead.json`` (the caller prints it)."""
     from ..bench import call_kwargs
     from ..cache_router import CacheRouter
     from ..loading import base_call_kwargs, load_pipeline
     from ..prompts import bench_prompts
     from .router_overhead import account
-    from .router_overhead import markdown as overhead_markdown
 
     pipe = load_pipeline(pipeline, tier="speed")
     pipe.set_progress_bar_config(disable=True)
@@ -172,7 +171,6 @@ def speed_tier(pipeline: str, quality_router: str, out: Path, repeats: int) -> d
                  within_5_percent=speed["end_to_end_wall_ratio"] >= 0.95 * speed["macs_ratio"])
     (out / "speed").mkdir(parents=True, exist_ok=True)
     (out / "speed" / "router_overhead.json").write_text(json.dumps(speed, indent=2))
-    print(overhead_markdown(speed))
     return speed
 
 
@@ -210,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     l_router = args.l2c_router or str(shipped_router(pipe, "l2c"))
     del pipe
     if args.speed_only:
-        speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))
+        from .router_overhead import markdown as overhead_markdown
+
+        print(overhead_markdown(speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))))
         return 0
     specs = ["baseline", f"harmonica:router={h_router}:target_macs_ratio={target}"]
     specs += [f"harmonica:router={h_router}:target_macs_ratio={t}" for t in args.extra_targets.split(",") if t]

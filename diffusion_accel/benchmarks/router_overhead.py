@@ -85,22 +85,6 @@ def unit_seconds(pipe: Any, units: list[tuple[str, torch.nn.Module]], call: dict
     return torch.stack([t for t, _ in per_call]).median(dim=0).values, statistics.median(d for _, d in per_call)
 
 
-def unit_mac_shares(pipe: Any, units: list[tuple[str, torch.nn.Module]], call: dict[str, Any]) -> list[float]:
-    """Each unit's share of the denoiser MACs in one plain call (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..bench import generate
-    from ..pipelines.adapters import find_adapter
-
-    root = type(find_adapter(pipe).get_denoiser(pipe)).__name__
-    counter = FlopCounterMode(display=False)
-    with counter:
-        generate(pipe, call)
-    counts = counter.get_flop_counts()
-    total = float(sum(counts.get(root, {}).values()))
-    return [float(sum(counts.get(f"{root}.{name}", {}).values())) / total for name, _ in units]
-
-
 def free_reuse_ratio(seconds: torch.Tensor, denoiser_seconds: float, compute: torch.Tensor) -> float:
     """The denoiser speed-up of schedule ``compute`` (bool [T, U], True = computed) if reuse cost nothing."""
     saved = float(seconds[~compute].sum())
@@ -113,7 +97,7 @@ def account(pipe: Any, router_folder: str | Path, call: dict[str, Any], *, thres
     import diffusion_accel as da
 
     from ..bench import generate
-    from ..cache_router import CacheRouter
+    from ..cache_router import CacheRouter, measure_unit_macs_shares
     from ..pipelines.adapters import find_adapter
 
     router = CacheRouter.load(router_folder)
@@ -128,11 +112,12 @@ def account(pipe: Any, router_folder: str | Path, call: dict[str, Any], *, thres
     steps = router.num_steps
 
     seconds, den_plain = unit_seconds(pipe, units, call, steps, repeats)
-    shares = unit_mac_shares(pipe, units, call)
-    full_macs = steps * 1.0
-    routed_macs = steps * (1.0 - sum(shares)) + float((compute.double() * torch.tensor(shares)).sum())
-
     denoiser = adapter.get_denoiser(pipe)
+    shares, rest = measure_unit_macs_shares(pipe, denoiser, names, call)
+    unit_macs = torch.tensor(shares, dtype=torch.float64)
+    macs_ratio = (CacheRouter.predicted_macs(torch.ones_like(compute), unit_macs, rest)
+                  / CacheRouter.predicted_macs(compute, unit_macs, rest))
+
     walls: dict[str, list[float]] = {"baseline": [], "router": []}
     dens: dict[str, list[float]] = {"baseline": [], "router": []}
 
@@ -163,11 +148,9 @@ def account(pipe: Any, router_folder: str | Path, call: dict[str, Any], *, thres
         kind = name.split(".")[-1] if name.count(".") > 1 else "block"
         kinds[kind]["time_share"] += float(seconds[:, u].sum()) / den_plain
         kinds[kind]["macs_share"] += shares[u]
-    kinds["outside units"] = {"time_share": 1.0 - float(seconds.sum()) / den_plain,
-                              "macs_share": 1.0 - sum(shares)}
+    kinds["outside units"] = {"time_share": 1.0 - float(seconds.sum()) / den_plain, "macs_share": rest}
     ceiling = free_reuse_ratio(seconds, den_plain, compute)
     denoiser_ratio = den["baseline"] / den["router"]
-    macs_ratio = full_macs / routed_macs
     return {
         "router": str(router_folder), "threshold": tau, "repeats": repeats, "threads": torch.get_num_threads(),
         "macs_ratio": macs_ratio,

@@ -272,23 +272,15 @@ class RouterRecipe(Recipe):
         return {"mean_score": float(scores[trainable].mean()),
                 "cells_below_tau": float((scores[trainable] <= self.options.train_threshold).float().mean())}
 
-    @torch.no_grad()
     def unit_macs_shares(self) -> tuple[list[float], float]:
-        """Each unit's share of the denoiser's MACs in one plain pipeline call (``torch.utils.flop_counter``; the
-        call's own text length and batch layout, which a training batch with trimmed captions would not have) and
-        the share outside every unit."""
-        from torch.utils.flop_counter import FlopCounterMode
+        """Each unit's share of the denoiser's MACs in one plain pipeline call (the call's own text length and batch
+        layout, which a training batch with trimmed captions would not have) and the share outside every unit."""
+        from ..cache_router import measure_unit_macs_shares
 
         self.units.reset()
         self.units.set_step("frozen", [])
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.pipe(**self.call_kwargs(), output_type="latent")
-        counts = counter.get_flop_counts()
-        root = type(self.denoiser).__name__
-        total = float(sum(counts.get(root, {}).values()))
-        shares = [float(sum(counts.get(f"{root}.{name}", {}).values())) / total for name in self.units.names]
-        return shares, 1.0 - sum(shares)
+        return measure_unit_macs_shares(self.pipe, self.denoiser, self.units.names,
+                                        {**self.call_kwargs(), "output_type": "latent"})
 
     def save(self, model, output_dir: str) -> dict[str, Any]:
         from ..cache_router import CacheRouter
