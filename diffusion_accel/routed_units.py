@@ -17,7 +17,7 @@ Modes, set by the driver before each denoiser forward:
 
 A unit may have *feeders* (:data:`~diffusion_accel.pipelines.adapters.BRANCH_FEEDERS`): submodules whose outputs
 only build the unit's input (Flux's single-stream ``proj_out`` is fed by ``attn`` and ``proj_mlp``). Where the unit
-will be reused (hard mode, not computed, a stored output for these rows) they return a zero placeholder of their
+will be reused (hard mode, not computed, a stored output for these rows) they return a placeholder of their
 last output's trailing size instead of running, so reusing the branch saves its feeders' MACs too; in every other
 case they run as usual.
 
@@ -93,9 +93,11 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _placeholder(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros shaped as the feeder's output for input ``like`` (its leading dims, the recorded trailing size): an
-    expanded scalar, so no memory is written; the reused unit ignores its input, so the values never matter."""
-    return torch.zeros((), dtype=dtype, device=like.device).expand(*like.shape[:-1], size)
+    """An uninitialised tensor shaped as the feeder's output for input ``like`` (its leading dims, the recorded
+    trailing size): the reused unit ignores its input, so the values never matter and no memory is written. It is
+    contiguous like a real output (not an expanded scalar), so a compiled block sees the same strides either way and
+    does not recompile for reused steps."""
+    return torch.empty((*like.shape[:-1], size), dtype=dtype, device=like.device)
 
 
 def _as_tuple(output: Any) -> tuple[tuple[torch.Tensor | None, ...], bool]:
