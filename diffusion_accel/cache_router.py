@@ -56,6 +56,7 @@ class CacheRouter:
 
         adapter = find_adapter(pipe)
         units = [name for name, _ in adapter.routing_units(pipe)]
+        feeders = {unit: [name for name, _ in found] for unit, found in adapter.unit_feeders(pipe).items()}
         shape = (num_inference_steps, len(units))
         if trainable is None:
             trainable = torch.ones(shape, dtype=torch.bool)
@@ -64,7 +65,7 @@ class CacheRouter:
             "objective": objective, "pipeline_class": pipeline_class(pipe).__name__,
             "denoiser_class": type(adapter.get_denoiser(pipe)).__name__, "family": adapter.family,
             "depth": len(adapter.get_blocks(pipe)), "units": units,
-            "unit_kind": ["block" if is_whole_block(u) else "branch" for u in units],
+            "unit_kind": ["block" if is_whole_block(u) else "branch" for u in units], "unit_feeders": feeders,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
             "scheduler_class": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
             "threshold": 0.1, **facts,
@@ -164,8 +165,15 @@ class CacheRouter:
                         f"it: diffusion-accel train {cfg.get('objective', 'harmonica')} --pretrained_teacher_model "
                         "<this pipeline> --output_dir <folder>")
         if cfg.get("units") is not None and list(cfg["units"]) != units:
-            return (f"the router's {len(cfg['units'])} units ({cfg['units'][:2]}...) are not this denoiser's "
-                    f"{len(units)} ({units[:2]}...): it was trained on another model layout")
+            trained = list(cfg["units"])
+            first = next((i for i, (a, b) in enumerate(zip(trained, units, strict=False)) if a != b),
+                         min(len(trained), len(units)))
+            differ = (f"unit {first}: {trained[first] if first < len(trained) else None!r} in the router, "
+                      f"{units[first] if first < len(units) else None!r} here")
+            return (f"the router's {len(trained)} units are not this denoiser's {len(units)} (first difference at "
+                    f"{differ}): it was trained on another model layout or an older unit definition; retrain it: "
+                    f"diffusion-accel train {cfg.get('objective', 'harmonica')} --pretrained_teacher_model "
+                    "<this pipeline> --output_dir <folder>")
         if tuple(self.logits.shape) != (int(cfg.get("num_inference_steps", self.num_steps)), len(units)):
             return f"the router's table is {tuple(self.logits.shape)}, not [steps, {len(units)} units]"
         return None
@@ -201,11 +209,12 @@ class CacheRouter:
 
 
 @torch.no_grad()
-def measure_unit_macs_shares(pipe: Any, denoiser: torch.nn.Module, unit_names: list[str],
-                             call: dict[str, Any]) -> tuple[list[float], float]:
+def measure_unit_macs_shares(pipe: Any, denoiser: torch.nn.Module, unit_names: list[str], call: dict[str, Any],
+                             feeders: dict[str, list[str]] | None = None) -> tuple[list[float], float]:
     """Each unit's share of ``denoiser``'s MACs in one call ``pipe(**call)`` (``torch.utils.flop_counter``, the
     call's own text length and batch layout) and the share outside every unit: what ``unit_macs_share`` /
-    ``rest_macs_share`` of a router file record."""
+    ``rest_macs_share`` of a router file record. A unit's share includes its ``feeders`` (unit name → feeder names,
+    ``ModelAdapter.unit_feeders``), which do not run where it is reused."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -214,7 +223,12 @@ def measure_unit_macs_shares(pipe: Any, denoiser: torch.nn.Module, unit_names: l
     counts = counter.get_flop_counts()
     root = type(denoiser).__name__
     total = float(sum(counts.get(root, {}).values()))
-    shares = [float(sum(counts.get(f"{root}.{name}", {}).values())) / total for name in unit_names]
+    feeders = feeders or {}
+
+    def macs(name: str) -> float:
+        return float(sum(counts.get(f"{root}.{name}", {}).values()))
+
+    shares = [(macs(name) + sum(macs(f) for f in feeders.get(name, []))) / total for name in unit_names]
     return shares, 1.0 - sum(shares)
 
 

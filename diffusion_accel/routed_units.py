@@ -15,6 +15,12 @@ Modes, set by the driver before each denoiser forward:
   r > ``store_threshold``;
 * ``"frozen"``: compute every unit and leave the store untouched (the full-compute reference of SDT).
 
+A unit may have *feeders* (:data:`~diffusion_accel.pipelines.adapters.BRANCH_FEEDERS`): submodules whose outputs
+only build the unit's input (Flux's single-stream ``proj_out`` is fed by ``attn`` and ``proj_mlp``). Where the unit
+will be reused (hard mode, not computed, a stored output for these rows) they return a placeholder of their
+last output's trailing size instead of running, so reusing the branch saves its feeders' MACs too; in every other
+case they run as usual.
+
 Stored outputs are kept per batch row key (:class:`~diffusion_accel.row_store.RowStore`), so CFG branches and
 samples never read each other's cache.
 """
@@ -60,6 +66,40 @@ class _UnitHook(ModelHook):
         return self.runtime.unit_forward(self, args, kwargs)
 
 
+class _FeederHook(ModelHook):
+    """On a module that only feeds unit ``index``: skipped (placeholder) where that unit will be reused."""
+
+    def __init__(self, runtime: RoutedUnits, index: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.index = index
+        #: Trailing size and dtype of the last real output (a tensor output only; ``None``: always run).
+        self.last: tuple[int, torch.dtype] | None = None
+
+    @torch.compiler.disable  # same reason as _UnitHook: the decision is per-step Python state
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.last is not None and self.runtime.will_reuse(self.index):
+            return _placeholder(_first_tensor(args, kwargs), *self.last)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.last = (output.shape[-1], output.dtype) if isinstance(output, torch.Tensor) else None
+        return output
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("a feeder module was called without a tensor input")
+
+
+def _placeholder(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor shaped as the feeder's output for input ``like`` (its leading dims, the recorded
+    trailing size): the reused unit ignores its input, so the values never matter and no memory is written. It is
+    contiguous like a real output (not an expanded scalar), so a compiled block sees the same strides either way and
+    does not recompile for reused steps."""
+    return torch.empty((*like.shape[:-1], size), dtype=dtype, device=like.device)
+
+
 def _as_tuple(output: Any) -> tuple[tuple[torch.Tensor | None, ...], bool]:
     if isinstance(output, tuple):
         return tuple(output), True
@@ -75,8 +115,13 @@ class RoutedUnits:
     """Unit hooks and their stores. :meth:`hooks` gives ``(module, hook)`` pairs for the session's
     ``register_hook`` (inference); :meth:`install` registers them directly (training)."""
 
-    def __init__(self, units: list[tuple[str, torch.nn.Module]]) -> None:
+    def __init__(self, units: list[tuple[str, torch.nn.Module]],
+                 feeders: dict[str, list[tuple[str, torch.nn.Module]]] | None = None) -> None:
         self.names = [name for name, _ in units]
+        #: ``(unit index, feeder module)`` for every feeder (``ModelAdapter.unit_feeders``).
+        self.feeders = [(i, module) for i, name in enumerate(self.names) for _, module in (feeders or {}).get(name, [])]
+        #: Unit name → its feeders' names (what ``measure_unit_macs_shares`` adds to the unit's MACs).
+        self.feeder_names = {name: [n for n, _ in found] for name, found in (feeders or {}).items()}
         self.modules = [module for _, module in units]
         self.whole_block = [is_whole_block(name) for name in self.names]
         self.stores = [RowStore() for _ in units]
@@ -96,8 +141,14 @@ class RoutedUnits:
     def __len__(self) -> int:
         return len(self.modules)
 
-    def hooks(self) -> list[tuple[torch.nn.Module, _UnitHook]]:
-        return [(m, _UnitHook(self, i, self.whole_block[i])) for i, m in enumerate(self.modules)]
+    @classmethod
+    def for_pipeline(cls, adapter: Any, pipe: Any, attr: str | None = None) -> RoutedUnits:
+        """The adapter's routing units of ``pipe`` (or its expert ``attr``) with their feeders."""
+        return cls(adapter.routing_units(pipe, attr), adapter.unit_feeders(pipe, attr))
+
+    def hooks(self) -> list[tuple[torch.nn.Module, ModelHook]]:
+        units = [(m, _UnitHook(self, i, self.whole_block[i])) for i, m in enumerate(self.modules)]
+        return units + [(m, _FeederHook(self, i)) for i, m in self.feeders]
 
     def install(self, name: str = "diffusion_accel.router_training") -> RoutedUnits:
         """Register the hooks directly (training); :meth:`uninstall` removes them."""
@@ -142,9 +193,13 @@ class RoutedUnits:
             return value if self._tuple_output[hook.index] else value[0]
         return hook.io.make_output(*add_deviation(hook.io.inputs(args, kwargs), value))
 
+    def will_reuse(self, index: int) -> bool:
+        """Whether unit ``index`` returns its stored output in the current forward (its feeders then need not run)."""
+        return self.mode == "hard" and not self.compute[index] and self.stores[index].has(self.rows)
+
     def unit_forward(self, hook: _UnitHook, args: tuple, kwargs: dict) -> Any:
         index, store, rows = hook.index, self.stores[hook.index], self.rows
-        if self.mode == "hard" and not self.compute[index] and store.has(rows):
+        if self.will_reuse(index):
             self.reused += 1
             return self._output(hook, args, kwargs, store.get(rows))
         output = hook.fn_ref.original_forward(*args, **kwargs)

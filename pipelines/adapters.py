@@ -152,6 +152,21 @@ class ModelAdapter:
                         units.append((f"{prefix}.{branch}", module))
         return units
 
+    def unit_feeders(self, pipe: Any, attr: str | None = None) -> dict[str, list[tuple[str, torch.nn.Module]]]:
+        """Per routing unit that has them (:data:`BRANCH_FEEDERS`), its feeders as ``(name, module)`` with names
+        relative to the denoiser (``single_transformer_blocks.3.attn``); units without feeders are absent."""
+        denoiser = self.get_denoiser(pipe, attr)
+        feeders: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+        for list_name in self.block_lists:
+            for index, block in enumerate(_module_list(denoiser, list_name)):
+                table = BRANCH_FEEDERS.get(type(getattr(block, "_orig_mod", block)).__name__, {})
+                for branch, names in table.items():
+                    found = [(f"{list_name}.{index}.{n}", getattr(block, n)) for n in names
+                             if getattr(block, n, None) is not None]
+                    if found:
+                        feeders[f"{list_name}.{index}.{branch}"] = found
+        return feeders
+
     def cfg_mode(self, call_args: Mapping[str, Any]) -> CfgLayout:
         """The CFG layout a pipeline call with these (bound, defaults-applied) arguments will use."""
         if self.cfg_layout == "none":
@@ -185,9 +200,19 @@ def _module_list(denoiser: torch.nn.Module, path: str) -> list[torch.nn.Module]:
 GATED_BRANCHES: dict[str, tuple[str, ...]] = {
     "BasicTransformerBlock": ("attn1", "attn2", "ff"),  # DiT, PixArt-α/Σ: gate_msa·attn1, attn2 ungated, gate_mlp·ff
     "FluxTransformerBlock": ("attn", "ff", "ff_context"),  # attn returns both streams, each gated after
-    "FluxSingleTransformerBlock": ("attn", "proj_mlp"),  # gate·proj_out(cat(attn, act(proj_mlp)))
+    # gate·proj_out(cat(attn, act(proj_mlp))): the gated branch is proj_out's output, fed by attn and proj_mlp
+    "FluxSingleTransformerBlock": ("proj_out",),
     "JointTransformerBlock": ("attn", "attn2", "ff", "ff_context"),  # SD3 / SD3.5
     "WanTransformerBlock": ("attn1", "attn2", "ffn"),
+}
+
+#: Per block class and gated branch: the submodules whose outputs only build that branch's input (read off the
+#: class's ``forward`` in Diffusers 0.42). When a router reuses the branch they need not run: their hooks return a
+#: placeholder (:mod:`diffusion_accel.routed_units`) and their MACs count as the branch's. Flux's single-stream
+#: block concatenates attn's and act(proj_mlp)'s outputs into proj_out and uses them nowhere else, so routing
+#: attn and proj_mlp as units of their own would leave proj_out (28 % of the flow denoiser's MACs) always running.
+BRANCH_FEEDERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "FluxSingleTransformerBlock": {"proj_out": ("attn", "proj_mlp")},
 }
 
 # Reasons shared by several families (tests/engine/test_families.py runs every method the adapters allow).

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-targets", default="1.4,2.0", help="more HarmoniCa points for the Pareto front")
     parser.add_argument("--l2c-target", type=float, default=None,
                         help="MACs ratio L2C is set to (default: --target); L2C computes every even step, so on "
-                             "testbed:flow it reaches at most ~1.56x")
+                             "testbed:flow it reaches at most ~1.98x")
     parser.add_argument("--harmonica-router", default=None, help="default: the pipeline's shipped one")
     parser.add_argument("--l2c-router", default=None, help="default: the pipeline's shipped one")
     parser.add_argument("--peers", default=None, help="comma list of peer specs (default: PEERS[pipeline])")

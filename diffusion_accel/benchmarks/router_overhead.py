@@ -58,14 +58,19 @@ def _timed_forwards(modules: list[torch.nn.Module], seconds: list[list[float]]):
 
 
 def unit_seconds(pipe: Any, units: list[tuple[str, torch.nn.Module]], call: dict[str, Any], num_steps: int,
-                 repeats: int) -> tuple[torch.Tensor, float]:
-    """``(t [T, U], T_den)``: median seconds of unit u at step k, and of all denoiser forwards, over ``repeats``
-    plain calls (after one warm-up). A step with several denoiser forwards (separate CFG passes) sums them."""
+                 repeats: int, feeders: dict[str, list[tuple[str, torch.nn.Module]]] | None = None,
+                 ) -> tuple[torch.Tensor, float]:
+    """``(t [T, U], T_den)``: median seconds of unit u at step k (with its ``feeders``, which a reuse skips too), and
+    of all denoiser forwards, over ``repeats`` plain calls (after one warm-up). A step with several denoiser forwards
+    (separate CFG passes) sums them."""
     from ..bench import generate
     from ..pipelines.adapters import find_adapter
 
     denoiser = find_adapter(pipe).get_denoiser(pipe)
-    modules = [denoiser] + [module for _, module in units]
+    # timed modules after the denoiser: each unit, then each feeder (owner = the unit it is added to)
+    owners = list(range(len(units))) + [u for u, (name, _) in enumerate(units) for _ in (feeders or {}).get(name, [])]
+    modules = [denoiser] + [module for _, module in units] + [
+        module for name, _ in units for _, module in (feeders or {}).get(name, [])]
     per_call: list[tuple[torch.Tensor, float]] = []
     for repeat in range(repeats + 1):
         seconds: list[list[float]] = [[] for _ in modules]
@@ -75,7 +80,7 @@ def unit_seconds(pipe: Any, units: list[tuple[str, torch.nn.Module]], call: dict
         if forwards % num_steps:
             raise ValueError(f"{forwards} denoiser forwards in a {num_steps}-step call: not a whole number per step")
         table = torch.zeros(num_steps, len(units), dtype=torch.float64)
-        for u, times in enumerate(seconds[1:]):
+        for u, times in zip(owners, seconds[1:], strict=True):
             if len(times) != forwards:
                 raise ValueError(f"unit {units[u][0]} ran {len(times)} times in {forwards} denoiser forwards")
             for f, value in enumerate(times):
@@ -111,9 +116,11 @@ def account(pipe: Any, router_folder: str | Path, call: dict[str, Any], *, thres
     compute = router.decisions(tau)
     steps = router.num_steps
 
-    seconds, den_plain = unit_seconds(pipe, units, call, steps, repeats)
+    feeders = adapter.unit_feeders(pipe)
+    seconds, den_plain = unit_seconds(pipe, units, call, steps, repeats, feeders)
     denoiser = adapter.get_denoiser(pipe)
-    shares, rest = measure_unit_macs_shares(pipe, denoiser, names, call)
+    shares, rest = measure_unit_macs_shares(pipe, denoiser, names, call,
+                                            {unit: [n for n, _ in found] for unit, found in feeders.items()})
     unit_macs = torch.tensor(shares, dtype=torch.float64)
     macs_ratio = (CacheRouter.predicted_macs(torch.ones_like(compute), unit_macs, rest)
                   / CacheRouter.predicted_macs(compute, unit_macs, rest))

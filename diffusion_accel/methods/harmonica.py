@@ -173,8 +173,7 @@ class HarmoniCaMethod(Method):
         # an output is stored only where the next step reuses it (a reuse always follows a computing step)
         self.keep = [(~decisions[k + 1]).tolist() if k + 1 < len(decisions) else [False] * decisions.shape[1]
                      for k in range(len(decisions))]
-        units = session.adapter.routing_units(session.pipe, session.expert)
-        self.units = RoutedUnits(units)
+        self.units = RoutedUnits.for_pipeline(session.adapter, session.pipe, session.expert)
         for module, hook in self.units.hooks():
             session.register_hook(module, hook, f"diffusion_accel.{self.name}.unit")
         session.register_hook(session.denoiser, _PlanHook(self), f"diffusion_accel.{self.name}.plan")

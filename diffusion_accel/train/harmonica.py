@@ -23,8 +23,10 @@ HarmoniCa's relaxation: unit output = r·fresh + (1 − r)·cached, r = σ(θ_{k
   routed step k + 1 is compared with full compute, L = ‖ε̂_full − ε̂_router‖² + β Σ_u r_{k+1,u}. Routers compute
   every unit on even steps (L2C's alternating reset), so only odd rows are trainable.
 
-Paper symbol → flag: β → ``--cache_weight``, C → ``--lambda_refresh_steps``, τ (training store threshold) →
-``--train_threshold``. The router is clamped to [−5, 5] after every update, as in the authors' code.
+Paper symbol → flag: β → ``--cache_weight`` (``--cache_weight_by_macs`` scales it per unit by the unit's MAC share,
+normalised to mean 1), C → ``--lambda_refresh_steps``, τ (training store threshold) → ``--train_threshold``; the
+period K of the steps pinned to full compute (the alternation of L2C is K = 2) → ``--full_compute_period``. The
+router is clamped to [−5, 5] after every update, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class RouterOptions(TrainOptions):
     num_train_samples: int = field(default=1024, metadata={"help": "training captions (l2c: images too)"})
     cache_weight: float = field(default=3e-3, metadata={"help": "β: weight of Σ r (pushes scores down, i.e. "
                                                                 "towards reuse)"})
+    cache_weight_by_macs: bool = field(default=False, metadata={
+        "help": "β_u = β · s_u / mean(s): weight unit u's score by its share s_u of the denoiser MACs (feeders "
+                "included), so the reuse reward is what a reuse saves; default: every cell alike (the papers' Σ r)"})
     train_threshold: float = field(default=0.1, metadata={"help": "τ while training: the cache keeps a mixed "
                                                                   "output only where r > τ"})
     target_macs_ratio: float | None = field(default=None, metadata={
@@ -83,14 +88,28 @@ class HarmoniCaOptions(RouterOptions):
                                                                    "trajectories"})
     num_lambda_prompts: int = field(default=8, metadata={"help": "probe prompts the IEPO weights are measured on"})
     no_iepo: bool = field(default=False, metadata={"help": "λ ≡ 1 (SDT with L2C's per-step loss: the ablation)"})
+    full_compute_period: int = field(default=0, metadata={
+        "help": "K: pin steps 0, K, 2K, ... to full compute (every unit), so a reused output is at most K − 1 steps "
+                "old; SDT + IEPO route the steps between. K = 2 is L2C's alternation, FORA's / Δ-DiT's cache "
+                "interval N plays the same role; 0 (default) is HarmoniCa's free schedule (no staleness bound)"})
     full_every_other_step: bool = field(default=False, metadata={
-        "help": "pin every even step to full compute (L2C's alternation: a reused output is never more than one "
-                "step old); SDT + IEPO then route the odd steps"})
+        "help": "the same as --full_compute_period 2 (kept for the recipes that name it)"})
 
     def validate(self) -> None:
         super().validate()
         if self.lambda_refresh_steps < 1:
             raise ValueError("--lambda_refresh_steps must be >= 1.")
+        if self.full_compute_period < 0 or self.full_compute_period == 1:
+            raise ValueError("--full_compute_period (K) must be 0 (free schedule) or >= 2 (K = 1 would pin every "
+                             f"step: nothing to route), got {self.full_compute_period}.")
+        if self.full_every_other_step and self.full_compute_period not in (0, 2):
+            raise ValueError("--full_every_other_step means --full_compute_period 2; got --full_compute_period "
+                             f"{self.full_compute_period} as well.")
+
+    @property
+    def pinned_period(self) -> int:
+        """K of the options (``--full_every_other_step`` is K = 2); 0 for the free schedule."""
+        return 2 if self.full_every_other_step else self.full_compute_period
 
 
 class RouterLogits(torch.nn.Module):
@@ -124,11 +143,12 @@ class RouterRecipe(Recipe):
     options_class = RouterOptions
     artefact = "cache router"
     objective = ""
-    #: A step where every unit is pinned to compute (step 0, and every even step with ``--full_every_other_step``)
+    #: A step where every unit is pinned to compute (step 0, and every K-th step with ``--full_compute_period K``)
     #: runs one plain forward: its routed forward would equal the full-compute target (r ≡ 1 mixes nothing in), so
     #: its loss and gradient are zero, and switching caching "on" there leaves the final latent of the IEPO
     #: refresh unchanged (λ_k = 0 without finishing a trajectory). Same router, bit for bit, at ~0.6x the denoiser
-    #: steps per trajectory and ~0.5x per λ refresh under the alternation; False runs every step in full (tests).
+    #: steps per trajectory and ~0.5x per λ refresh under the alternation (K = 2); False runs every step in full
+    #: (tests).
     skip_pinned_steps = True
 
     # -- pipeline --------------------------------------------------------------------------------------------
@@ -196,8 +216,17 @@ class RouterRecipe(Recipe):
         self.scheduler = self.captured_scheduler()
         self.latent_shape = self.family.latent_shape(self.resolution, self.resolution)
         self.denoiser = self.family.denoiser.eval().requires_grad_(False)
-        self.units = RoutedUnits(self.adapter.routing_units(self.pipe)).install()
+        self.units = RoutedUnits.for_pipeline(self.adapter, self.pipe).install()
         self.units.store_threshold = self.options.train_threshold
+        self.unit_weights = self.cache_weights().to(self.accelerator.device)
+
+    def cache_weights(self) -> torch.Tensor:
+        """Per-unit factor [U] of β in the cache term: 1 for every unit, or (``--cache_weight_by_macs``) each unit's
+        MAC share normalised to mean 1, so β keeps its scale."""
+        if not self.options.cache_weight_by_macs:
+            return torch.ones(len(self.units))
+        shares = torch.tensor(self.unit_macs_shares()[0], dtype=torch.float32)
+        return shares / shares.mean().clamp_min(1e-20)
 
     def initial_router(self, trainable: torch.Tensor) -> RouterLogits:
         gen = torch.Generator().manual_seed(self.options.seed)
@@ -280,7 +309,7 @@ class RouterRecipe(Recipe):
         self.units.reset()
         self.units.set_step("frozen", [])
         return measure_unit_macs_shares(self.pipe, self.denoiser, self.units.names,
-                                        {**self.call_kwargs(), "output_type": "latent"})
+                                        {**self.call_kwargs(), "output_type": "latent"}, self.units.feeder_names)
 
     def save(self, model, output_dir: str) -> dict[str, Any]:
         from ..cache_router import CacheRouter
@@ -292,6 +321,7 @@ class RouterRecipe(Recipe):
             self.pipe, self.steps, self.guidance, objective=self.objective, logits=trained.logits.detach().cpu(),
             trainable=trained.trainable.cpu(), unit_macs_share=shares, rest_macs_share=rest,
             timesteps=[float(t) for t in self.scheduler.timesteps], cache_weight=opts.cache_weight,
+            cache_weight_by_macs=opts.cache_weight_by_macs,
             train_threshold=opts.train_threshold, trained_steps=opts.max_train_steps,
             pipeline=opts.pretrained_teacher_model)
         threshold = opts.train_threshold
@@ -324,8 +354,8 @@ class HarmoniCa(RouterRecipe):
         self.probe = (self.caption_rows[probe], self.noise(len(probe), opts.seed + 7919))
         trainable = torch.ones(self.steps, len(self.units), dtype=torch.bool)
         trainable[0] = False
-        if opts.full_every_other_step:
-            trainable[0::2] = False
+        if opts.pinned_period:
+            trainable[0::opts.pinned_period] = False
         return self.initial_router(trainable)
 
     def checkpoint_objects(self) -> list[Any]:
@@ -358,7 +388,7 @@ class HarmoniCa(RouterRecipe):
         rows = self.rows(len(x))
         lam = self.weights.values.to(x.device)
         trainable = self.accelerator.unwrap_model(model).trainable
-        pinned = ~trainable.any(dim=1)  # steps every unit computes at (step 0; --full_every_other_step's even steps)
+        pinned = ~trainable.any(dim=1)  # steps every unit computes at (step 0; every K-th with --full_compute_period K)
         mse_total = x.new_zeros(())
         for k, t in enumerate(scheduler.timesteps):
             if k == 0 or (self.skip_pinned_steps and bool(pinned[k])):
@@ -373,7 +403,7 @@ class HarmoniCa(RouterRecipe):
                 out = self.guided(x, t, cond, uncond, scheduler)
                 mse_total = mse_total + lam[k] * torch.nn.functional.mse_loss(out.float(), target.float())
             x = scheduler.step(out.detach(), t, x, return_dict=False)[0]
-        cache_term = (scores * trainable).sum()
+        cache_term = (scores * trainable * self.unit_weights).sum()
         loss = mse_total + opts.cache_weight * cache_term
         return loss, {"loss": float(loss.detach()), "mse": float(mse_total.detach()),
                       "sum_scores": float(cache_term.detach())}
@@ -428,7 +458,7 @@ class L2C(RouterRecipe):
         self.units.set_step("soft", rows, scores=scores[routed])
         pred = self.guided(x, t, cond, uncond, scheduler)
         mse = torch.nn.functional.mse_loss(pred.float(), target.float())
-        cache_term = scores[routed].sum()
+        cache_term = (scores[routed] * self.unit_weights).sum()
         loss = mse + opts.cache_weight * cache_term
         return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "sum_scores": float(cache_term)}
 

@@ -157,3 +157,44 @@ def test_router_presets_are_the_shipped_recipes(preset, recipe, folder):
     record = json.loads((assets_root() / folder / "training.json").read_text())
     assert record["recipe"] == recipe
     assert {k: record["options"][k] for k in values} == values
+
+
+def _recipe(**values):
+    from diffusion_accel.train.options import build_options
+    from diffusion_accel.train.trainer import make_accelerator
+
+    options = build_options(harmonica.HarmoniCaOptions, {**TINY, "output_dir": "unused", **values})
+    recipe = harmonica.HarmoniCa(options, make_accelerator(options))
+    recipe.load_teacher()
+    recipe.check()
+    return recipe, recipe.setup(lambda n: None)
+
+
+def test_full_compute_period_pins_every_kth_step():
+    """--full_compute_period K pins steps 0, K, 2K, ... (a reused output is at most K − 1 steps old);
+    --full_every_other_step is K = 2; K = 1 and a conflicting pair are refused."""
+    _, router = _recipe(num_inference_steps=7, full_compute_period=3)
+    pinned = ~router.trainable.any(dim=1)
+    assert pinned.tolist() == [True, False, False, True, False, False, True]
+    _, alias = _recipe(num_inference_steps=7, full_every_other_step=True)
+    _, period = _recipe(num_inference_steps=7, full_compute_period=2)
+    assert torch.equal(alias.trainable, period.trainable)
+    assert (~period.trainable.any(dim=1)).tolist() == [True, False] * 3 + [True]
+    with pytest.raises(ValueError, match="must be 0"):
+        _recipe(full_compute_period=1)
+    with pytest.raises(ValueError, match="means --full_compute_period 2"):
+        _recipe(full_every_other_step=True, full_compute_period=3)
+
+
+def test_cache_weight_by_macs_follows_the_unit_shares():
+    """--cache_weight_by_macs: β per unit ∝ the unit's MAC share, mean 1; off: 1 for every unit."""
+    recipe, _ = _recipe(cache_weight_by_macs=True)
+    shares = torch.tensor(recipe.unit_macs_shares()[0], dtype=torch.float32)
+    weights = recipe.unit_weights.cpu()
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(weights / weights[0], shares / shares[0])
+    assert not torch.allclose(weights, torch.ones_like(weights))  # PixArt's branches differ in MACs
+    plain, _ = _recipe()
+    assert torch.equal(plain.unit_weights.cpu(), torch.ones(len(plain.units)))
+    recipe.units.uninstall()
+    plain.units.uninstall()
