@@ -7,6 +7,10 @@ point estimate, expected to win PSNR); the SR3-style conditional DDPM (same UNet
 steps; ResShift at T = 4 (the shipped ``testbed:resshift`` for bicubic) and T = 15; and, for scale, the HR images
 through the VAE (the latent-space ceiling) and the HR images themselves.
 
+Every row encodes and decodes with one VAE, ``--vae`` (default: the one ``testbed:resshift`` ships: the shared
+testbed VAE's encoder, in whose latent space every network here was trained, with a decoder fine-tuned for SR;
+``testbed:pixart`` gives the shared decoder).
+
 Columns: PSNR and SSIM (pinned definitions: :mod:`diffusion_accel.eval.restoration`; RGB in [0, 1], Gaussian
 window 11, σ = 1.5, Wang et al. 2004) with 95 % intervals over images; FID-shapes of the 64 outputs against the
 cached real-image statistics of shapes-net (64 images: the absolute value carries a large small-sample bias; compare
@@ -214,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=DEGRADATIONS)
     parser.add_argument("--out", default="docs/results/super_resolution")
+    parser.add_argument("--vae", default="testbed:resshift",
+                        help="the pipeline (testbed:<name>, a folder) whose VAE every row decodes with")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ..train.resshift import load_vae
 
-    vae = load_vae("testbed:pixart").eval()
+    vae = load_vae(args.vae).eval()
     report: dict[str, Any] = {"num_images": args.num_images, "seed": args.seed, "threads": args.threads,
-                              "split": "test", "degradations": {}}
+                              "split": "test", "vae": args.vae, "degradations": {}}
     for deg in args.degradations:
         rows, missing = run_degradation(deg, Path(args.runs_dir), args.num_images, args.seed, vae)
         report["degradations"][deg] = {"rows": rows, "missing": missing, "targets": targets(rows)}

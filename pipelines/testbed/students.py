@@ -7,6 +7,11 @@ the pipeline only. The student's frozen components (VAE, text encoder, tokenizer
 so they are linked to the teacher's folder (relative symlinks) instead of stored twice: ``assets/`` stays under its
 50 MB budget, and ``from_pretrained`` and the wheel build follow the links.
 
+A restoration pipeline may ship its own VAE instead (``--vae``): the teacher's encoder (the latent space the network
+was trained in, checked tensor for tensor) with a decoder fine-tuned for it (``train("resshift-vae", ...)``,
+:data:`~.train.RESSHIFT_VAE_RECIPE`). That VAE and the network are then stored in fp16, so the folder fits the
+budget without the link.
+
 The video students' transformers are stored in fp16 (:data:`~.registry.VIDEO_STUDENT_NAMES`; 0.56 MB instead of
 1.13 MB each): Diffusers loads a checkpoint into the model's default dtype when no ``torch_dtype`` is given, so
 ``load_pipeline`` and ``DiffusionPipeline.from_pretrained`` return fp32 weights that are the fp32 training weights
@@ -23,6 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .registry import RESTORATION_NAMES, STUDENT_NAMES, STUDENT_TEACHERS, VIDEO_STUDENT_NAMES, asset_dir_name
 from .shapes_net import assets_root
@@ -75,11 +81,45 @@ def store_fp16(component: Path) -> dict[str, float]:
     return {"max_abs_weight_error": abs_err, "max_rel_weight_error": rel_err}
 
 
-def ship_student(run_dir: str | Path, name: str, teacher: str | None = None) -> Path:
+#: The VAE parts that define a latent space: a VAE shipped with a restoration pipeline must equal its training VAE
+#: there (and in the config: scaling and shift factors), whatever its decoder.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+
+
+def check_same_encoder(vae: Path, trained_with: Path) -> None:
+    """Raise ``ValueError`` unless VAE folder ``vae`` has the encoder, ``quant_conv`` and config (``_name_or_path``
+    aside) of ``trained_with``: the latent space the restoration network was trained in."""
+    from safetensors.torch import load_file
+
+    for folder in (vae, trained_with):
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{folder} is not a VAE folder (no {WEIGHTS_FILE}).")
+    ours, theirs = (json.loads((f / "config.json").read_text()) for f in (vae, trained_with))
+    ours.pop("_name_or_path", None)
+    theirs.pop("_name_or_path", None)
+    if ours != theirs:
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{vae} has another VAE config than {trained_with} ({', '.join(changed)}): its latents are "
+                         "not the ones the network was trained on. Fine-tune the decoder only (train "
+                         "'resshift-vae').")
+    a, b = load_file(str(vae / WEIGHTS_FILE)), load_file(str(trained_with / WEIGHTS_FILE))
+    for key in sorted(k for k in b if k.startswith(ENCODER_PREFIXES)):
+        if key not in a or a[key].dtype != b[key].dtype or not bool((a[key] == b[key]).all()):
+            raise ValueError(f"{vae}'s encoder differs from {trained_with}'s at {key}: its latent space is not the "
+                             "one the network was trained in. Fine-tune the decoder only (train 'resshift-vae').")
+
+
+def ship_student(run_dir: str | Path, name: str, teacher: str | None = None, vae: str | Path | None = None) -> Path:
     """Copy the pipeline of training run ``run_dir`` to ``assets/testbed-<name>``; returns that folder. ``teacher``:
-    the testbed whose frozen components are linked (default: the student's, :data:`~.registry.STUDENT_TEACHERS`)."""
+    the testbed whose frozen components are linked (default: the student's, :data:`~.registry.STUDENT_TEACHERS`).
+    ``vae`` (restoration pipelines only): a VAE folder to ship instead of the link, with the run's encoder
+    (:func:`check_same_encoder`); it and the network are stored in fp16. ``run_dir`` may be the shipped folder itself
+    (the new folder is built beside it and swapped in only when complete)."""
     if name not in STUDENT_NAMES and name not in RESTORATION_NAMES:
         raise ValueError(f"unknown student {name!r}; known: {', '.join((*STUDENT_NAMES, *RESTORATION_NAMES))}")
+    if vae is not None and name not in RESTORATION_NAMES:
+        raise ValueError(f"--vae is for a restoration pipeline ({', '.join(RESTORATION_NAMES)}); a distilled "
+                         "student shares its teacher's VAE.")
     teacher = teacher or STUDENT_TEACHERS.get(name, "pixart")
     copied, shared = ((RESTORATION_COPIED, RESTORATION_SHARED) if name in RESTORATION_NAMES
                       else (COPIED, SHARED_WITH_TEACHER))
@@ -89,33 +129,52 @@ def ship_student(run_dir: str | Path, name: str, teacher: str | None = None) -> 
         if not _same_component(run_dir / component, teacher_dir / component):
             raise ValueError(f"{run_dir / component} differs from the teacher's {teacher_dir / component}; a "
                              "student whose frozen components changed cannot share them.")
+    if vae is not None:
+        check_same_encoder(Path(vae), run_dir / "vae")
     dest = assets_root() / asset_dir_name(name)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    building = dest.with_name(dest.name + ".partial")
+    if building.exists():
+        shutil.rmtree(building)
+    building.mkdir(parents=True)
     for item in copied:
         src = run_dir / item
         if src.is_dir():
-            shutil.copytree(src, dest / item)
+            shutil.copytree(src, building / item)
         elif src.exists():
-            shutil.copy2(src, dest / item)
+            shutil.copy2(src, building / item)
     for component in shared:
-        os.symlink(Path("..") / teacher_dir.name / component, dest / component, target_is_directory=True)
+        if component == "vae" and vae is not None:
+            shutil.copytree(vae, building / "vae")
+            continue
+        os.symlink(Path("..") / teacher_dir.name / component, building / component, target_is_directory=True)
     if name in VIDEO_STUDENT_NAMES:
-        errors = store_fp16(dest / "transformer")
-        record_path = dest / "distillation.json"
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        record["stored_weights"] = {"transformer": "float16 safetensors, loaded as float32", **errors}
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        _record_fp16(building / "distillation.json", {"transformer": store_fp16(building / "transformer")})
+    if vae is not None:
+        _record_fp16(building / "resshift.json", {
+            "unet": store_fp16(building / "unet"), "vae": store_fp16(building / "vae"),
+            "vae_decoder": f"fine-tuned for this pipeline ({Path(vae).name}); encoder and quant_conv: the training "
+                           "VAE's, rounded to fp16 like every stored weight"})
+    if dest.exists():
+        shutil.rmtree(dest)
+    building.rename(dest)
     return dest
+
+
+def _record_fp16(record_path: Path, components: dict[str, Any]) -> None:
+    """Note in the folder's JSON record which components are stored in fp16 and their rounding error."""
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record["stored_weights"] = {"dtype": "float16 safetensors, loaded as float32", **components}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("name", choices=sorted((*STUDENT_NAMES, *RESTORATION_NAMES)))
+    parser.add_argument("--vae", default=None, help="restoration pipelines: a VAE folder to ship with it (the run's "
+                        "encoder, another decoder) instead of linking the teacher's")
     args = parser.parse_args(argv)
-    print(ship_student(args.run_dir, args.name))
+    print(ship_student(args.run_dir, args.name, vae=args.vae))
     return 0
 
 

@@ -1,7 +1,8 @@
 """``train(name, output_dir, seed=0)``: reproduce any shipped testbed model with one call.
 
 Names: ``"shapes-net"`` (classifier), ``"shapes-judge"`` (the independent second classifier), ``"vae"`` (the
-shared AutoencoderKL), ``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
+shared AutoencoderKL), ``"resshift-vae"`` (its decoder fine-tuned further for ``testbed:resshift``, encoder frozen),
+``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
 ``<output_dir>/../testbed-vae`` unless ``vae_path`` is given), ``"wan"`` (the video testbed with its own
 ``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
@@ -13,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "pixart", "flow", "wan")
+TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan")
 
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
@@ -37,6 +38,14 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
         if kwargs:  # one explicit stage
             return train_vae(output_dir, seed=seed, minutes=minutes, **kwargs)
         return train_vae_recipe(output_dir, seed=seed, minutes=minutes)
+    if name == "resshift-vae":
+        if kwargs:
+            raise ValueError(f"resshift-vae runs RESSHIFT_VAE_RECIPE; {', '.join(sorted(kwargs))} cannot be set (train "
+                             "'vae' with --init-from and --decoder-only for a stage of your own).")
+        from .registry import testbed_path
+
+        return train_vae_recipe(output_dir, seed=seed, minutes=minutes, stages=RESSHIFT_VAE_RECIPE,
+                                init_from=testbed_path("pixart") / "vae")
     if name == "wan":
         from .train_wan import train_wan_recipe
 
@@ -64,6 +73,19 @@ VAE_RECIPE: tuple[dict[str, Any], ...] = (
     {"steps": 800, "batch_size": 16, "lr": 1e-3},
     {"steps": 380, "batch_size": 24, "lr": 6e-4},
     {"steps": 3000, "batch_size": 16, "lr": 5e-4, "decoder_only": True},
+)
+
+#: The VAE of ``testbed:resshift``: the shared VAE's decoder fine-tuned further (encoder, so the latent space the SR
+#: networks are trained in, frozen), because the shared decoder caps every latent SR method: decode(encode(HR)) is
+#: only +2.8 dB over bicubic ×4 on the shapes images, under the issue's +3 dB. Three decoder-only stages from
+#: ``assets/testbed-pixart/vae``, batch 32, lr 3e-4 (the shipped one: ``--seed 1``). The shipped decoder ran them in
+#: wall-clock budgets of 10, 25 and 40 minutes (one shared CPU thread at nice 10; the LR follows the budget's
+#: cosine) and reached the step counts below; run by steps, the same stages follow the same schedule shape, not the
+#: same bits. Reconstruction PSNR of 500 test images: 33.57 dB (shared VAE) → 33.81 → 34.33 → 34.75 dB.
+RESSHIFT_VAE_RECIPE: tuple[dict[str, Any], ...] = (
+    {"steps": 226, "batch_size": 32, "lr": 3e-4, "decoder_only": True},
+    {"steps": 587, "batch_size": 32, "lr": 3e-4, "decoder_only": True},
+    {"steps": 501, "batch_size": 32, "lr": 3e-4, "decoder_only": True},
 )
 
 
@@ -130,17 +152,19 @@ def train_pipeline_recipe(name: str, output_dir: str | Path, recipe: str, seed: 
     return metrics
 
 
-def train_vae_recipe(output_dir: str | Path, seed: int = 0, minutes: float | None = None) -> dict:
-    """Run :data:`VAE_RECIPE`; intermediate stages go to ``<output_dir>-stage<i>``. ``minutes`` is split evenly."""
+def train_vae_recipe(output_dir: str | Path, seed: int = 0, minutes: float | None = None,
+                     stages: tuple[dict[str, Any], ...] = VAE_RECIPE, init_from: str | Path | None = None) -> dict:
+    """Run ``stages`` (:data:`VAE_RECIPE`, or :data:`RESSHIFT_VAE_RECIPE` from ``init_from``); intermediate stages
+    go to ``<output_dir>-stage<i>``. ``minutes`` is split evenly."""
     from .train_vae import train_vae
 
     output_dir = Path(output_dir)
-    previous: Path | None = None
+    previous: Path | None = None if init_from is None else Path(init_from)
     metrics: dict = {}
-    for i, stage in enumerate(VAE_RECIPE):
-        last = i == len(VAE_RECIPE) - 1
+    for i, stage in enumerate(stages):
+        last = i == len(stages) - 1
         target = output_dir if last else output_dir.with_name(f"{output_dir.name}-stage{i}")
-        per_stage = None if minutes is None else minutes / len(VAE_RECIPE)
+        per_stage = None if minutes is None else minutes / len(stages)
         metrics = train_vae(target, seed=seed, minutes=per_stage, init_from=previous, **stage)
         previous = target
     return metrics
