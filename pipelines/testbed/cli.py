@@ -13,6 +13,8 @@ from .train import TRAIN_NAMES
 def _default_output(name: str) -> Path:
     from .shapes_net import assets_root
 
+    if name == "resshift-vae":  # not an asset of its own: `students <run> resshift --vae <it>` ships it
+        return Path("runs/sr/resshift-vae")
     return assets_root() / (name if name in ("shapes-net", "shapes-judge") else f"testbed-{name}")
 
 
@@ -73,9 +75,11 @@ def add_testbed_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
-    tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, pixart, flow, wan)")
+    tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, resshift-vae, pixart, "
+                                              "flow, wan)")
     tr.add_argument("name", choices=TRAIN_NAMES)
-    tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder)")
+    tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder; "
+                                                   "resshift-vae: runs/sr/resshift-vae)")
     tr.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap of the whole training command (a VAE trained on the way gets at most a "
                          "third; the final evaluation is not counted)")
