@@ -211,9 +211,8 @@ GATED_BRANCHES: dict[str, tuple[str, ...]] = {
 #: placeholder (:mod:`diffusion_accel.routed_units`) and their MACs count as the branch's. Flux's single-stream
 #: block concatenates attn's and act(proj_mlp)'s outputs into proj_out and uses them nowhere else, so routing
 #: attn and proj_mlp as units of their own would leave proj_out (28 % of the flow denoiser's MACs) always running.
-#: act_mlp (the GELU between proj_mlp and the concatenation) has no MACs but its time is the block's: a feeder too.
 BRANCH_FEEDERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "FluxSingleTransformerBlock": {"proj_out": ("attn", "proj_mlp", "act_mlp")},
+    "FluxSingleTransformerBlock": {"proj_out": ("attn", "proj_mlp")},
 }
 
 # Reasons shared by several families (tests/engine/test_families.py runs every method the adapters allow).
