@@ -150,6 +150,7 @@ class RouterRecipe(Recipe):
     #: steps per trajectory and ~0.5x per λ refresh under the alternation (K = 2); False runs every step in full
     #: (tests).
     skip_pinned_steps = True
+    _unit_macs_shares: tuple[list[float], float] | None = None
 
     # -- pipeline --------------------------------------------------------------------------------------------
     def load_teacher(self) -> None:
@@ -303,13 +304,18 @@ class RouterRecipe(Recipe):
 
     def unit_macs_shares(self) -> tuple[list[float], float]:
         """Each unit's share of the denoiser's MACs in one plain pipeline call (the call's own text length and batch
-        layout, which a training batch with trimmed captions would not have) and the share outside every unit."""
-        from ..cache_router import measure_unit_macs_shares
+        layout, which a training batch with trimmed captions would not have) and the share outside every unit.
+        Measured once per run: the pipeline and its units are frozen, so ``--cache_weight_by_macs`` (at setup) and
+        the saved router (at the end) read the same call."""
+        if self._unit_macs_shares is None:
+            from ..cache_router import measure_unit_macs_shares
 
-        self.units.reset()
-        self.units.set_step("frozen", [])
-        return measure_unit_macs_shares(self.pipe, self.denoiser, self.units.names,
-                                        {**self.call_kwargs(), "output_type": "latent"}, self.units.feeder_names)
+            self.units.reset()
+            self.units.set_step("frozen", [])
+            self._unit_macs_shares = measure_unit_macs_shares(
+                self.pipe, self.denoiser, self.units.names, {**self.call_kwargs(), "output_type": "latent"},
+                self.units.feeder_names)
+        return self._unit_macs_shares
 
     def save(self, model, output_dir: str) -> dict[str, Any]:
         from ..cache_router import CacheRouter

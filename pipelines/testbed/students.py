@@ -50,13 +50,16 @@ def _same_component(a: Path, b: Path) -> bool:
         if path.suffix in (".safetensors", ".model") or path.name == "tokenizer.json":
             if not ((a / rel).is_file() and filecmp.cmp(a / rel, path, shallow=False)):
                 return False
-        elif path.name == "config.json":
-            ours, theirs = (json.loads(p.read_text()) for p in (a / rel, path))
-            ours.pop("_name_or_path", None)
-            theirs.pop("_name_or_path", None)
-            if ours != theirs:
-                return False
+        elif path.name == "config.json" and _model_config(a / rel) != _model_config(path):
+            return False
     return True
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    """A component's ``config.json`` without ``_name_or_path`` (it records where the component was loaded from)."""
+    config = json.loads(path.read_text())
+    config.pop("_name_or_path", None)
+    return config
 
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -94,9 +97,7 @@ def check_same_encoder(vae: Path, trained_with: Path) -> None:
     for folder in (vae, trained_with):
         if not (folder / WEIGHTS_FILE).is_file():
             raise ValueError(f"{folder} is not a VAE folder (no {WEIGHTS_FILE}).")
-    ours, theirs = (json.loads((f / "config.json").read_text()) for f in (vae, trained_with))
-    ours.pop("_name_or_path", None)
-    theirs.pop("_name_or_path", None)
+    ours, theirs = (_model_config(f / "config.json") for f in (vae, trained_with))
     if ours != theirs:
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise ValueError(f"{vae} has another VAE config than {trained_with} ({', '.join(changed)}): its latents are "
