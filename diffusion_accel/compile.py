@@ -180,6 +180,13 @@ def hoist_compiled_regions(modules: list[torch.nn.Module], ours: dict[int, str],
     return new
 
 
+def runs_compiled(wrapper: Any, denoiser: torch.nn.Module) -> bool:
+    """Whether ``denoiser`` (``wrapper`` is the pipeline's attribute) runs through ``torch.compile`` anywhere:
+    ``torch.compile(model)``, ``model.compile()`` or a compiled submodule (``compile_repeated_blocks``)."""
+    return wrapper is not denoiser or any(m.__dict__.get("_compiled_call_impl") is not None
+                                          for m in denoiser.modules())
+
+
 # ---------------------------------------------------------------------------------------------- whole model, fullgraph
 def _fix(attr: str, undo: str) -> str:
     return (f"Compile the blocks instead: pipe.{attr}.compile_repeated_blocks(fullgraph=True) on the uncompiled "

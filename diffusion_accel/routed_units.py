@@ -17,9 +17,12 @@ Modes, set by the driver before each denoiser forward:
 
 A unit may have *feeders* (:data:`~diffusion_accel.pipelines.adapters.BRANCH_FEEDERS`): submodules whose outputs
 only build the unit's input (Flux's single-stream ``proj_out`` is fed by ``attn`` and ``proj_mlp``). Where the unit
-will be reused (hard mode, not computed, a stored output for these rows) they return a placeholder of their
-last output's trailing size instead of running, so reusing the branch saves its feeders' MACs too; in every other
-case they run as usual.
+will be reused (hard mode, not computed, a stored output for these rows) they return a placeholder instead of
+running, so reusing the branch saves its feeders' MACs too; in every other case they run as usual. The placeholder
+is zero-width (:attr:`RoutedUnits.zero_width`), so whatever the block does between the feeders and the unit (Flux's
+GELU on proj_mlp's output, the concatenation) runs on empty tensors at no cost and without a hook of its own; where
+the blocks run compiled it has the real output's width instead, because a new shape recompiles the code between
+the hooks (:func:`_placeholder`).
 
 Stored outputs are kept per batch row key (:class:`~diffusion_accel.row_store.RowStore`), so CFG branches and
 samples never read each other's cache.
@@ -79,7 +82,8 @@ class _FeederHook(ModelHook):
     @torch.compiler.disable  # same reason as _UnitHook: the decision is per-step Python state
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.last is not None and self.runtime.will_reuse(self.index):
-            return _placeholder(_first_tensor(args, kwargs), *self.last)
+            size, dtype = self.last
+            return _placeholder(_first_tensor(args, kwargs), 0 if self.runtime.zero_width else size, dtype)
         output = self.fn_ref.original_forward(*args, **kwargs)
         self.last = (output.shape[-1], output.dtype) if isinstance(output, torch.Tensor) else None
         return output
@@ -93,10 +97,14 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _placeholder(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor shaped as the feeder's output for input ``like`` (its leading dims, the recorded
-    trailing size): the reused unit ignores its input, so the values never matter and no memory is written. It is
-    contiguous like a real output (not an expanded scalar), so a compiled block sees the same strides either way and
-    does not recompile for reused steps."""
+    """An uninitialised tensor with the leading dims of the feeder's input ``like`` and trailing size ``size``: the
+    reused unit ignores its input, so the values never matter and no memory is written.
+
+    ``size`` 0 (eager blocks) makes every op between the feeders and the unit free: with the real width, Flux's
+    GELU and concatenation on the placeholder kept the flow speed tier at 0.838 of the MACs ratio end to end. The
+    real width (compiled blocks) keeps the shapes a compiled block was traced with: a zero width would recompile
+    Diffusers' hook wrapper frames, which every hooked module type already recompiles once, past Dynamo's limit.
+    It is contiguous like a real output (not an expanded scalar), so the strides match too."""
     return torch.empty((*like.shape[:-1], size), dtype=dtype, device=like.device)
 
 
@@ -132,6 +140,8 @@ class RoutedUnits:
         self.scores: torch.Tensor | None = None  # [U] for "soft"
         self.store_threshold = 0.1
         self.rows: list[tuple[str, int]] = []
+        #: Feeders of a reused unit return zero-width placeholders (False: the real width; for compiled blocks).
+        self.zero_width = True
         self.computed = 0
         self.reused = 0
         #: Which units computed since the last :meth:`set_step` (the schedule as executed).

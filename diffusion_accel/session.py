@@ -264,6 +264,11 @@ class AccelSession:
     def blocks(self) -> list[torch.nn.Module]:
         return self.adapter.get_blocks(self.pipe, self.expert)
 
+    def runs_compiled(self) -> bool:
+        """Whether the denoiser runs through ``torch.compile`` anywhere: wrapped or ``.compile()``-d whole, or by
+        region (``compile_repeated_blocks``; regions moved below our hooks included)."""
+        return bool(self._hoisted) or _compile.runs_compiled(getattr(self.pipe, self.expert, None), self.denoiser)
+
     @property
     def call_sessions(self) -> list[AccelSession]:
         """This session and its experts' sessions: everything one pipeline call drives."""

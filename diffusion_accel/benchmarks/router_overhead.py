@@ -37,19 +37,20 @@ import torch
 
 
 @contextmanager
-def _timed_forwards(modules: list[torch.nn.Module], seconds: list[list[float]]):
-    """Append the wall time of every forward of ``modules[i]`` to ``seconds[i]`` while active (plain
+def _timed_spans(spans: list[tuple[list[torch.nn.Module], torch.nn.Module]], seconds: list[list[float]]):
+    """Append to ``seconds[i]`` the wall time from the first forward start of any of span i's opening modules to
+    the end of its closing module's forward, each time the closing module runs, while active (plain
     ``torch.nn.Module`` hooks, so the diffusers hooks of a method under test run inside the timed span)."""
     handles, starts = [], {}
-    for index, module in enumerate(modules):
+    for index, (openers, closer) in enumerate(spans):
         def pre(_module, _args, _kwargs, index=index):
-            starts[index] = time.perf_counter()
+            starts.setdefault(index, time.perf_counter())
 
         def post(_module, _args, _kwargs, _output, index=index):
-            seconds[index].append(time.perf_counter() - starts[index])
+            seconds[index].append(time.perf_counter() - starts.pop(index))
 
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True))
+        handles.extend(module.register_forward_pre_hook(pre, with_kwargs=True) for module in openers)
+        handles.append(closer.register_forward_hook(post, with_kwargs=True))
     try:
         yield
     finally:
@@ -57,30 +58,36 @@ def _timed_forwards(modules: list[torch.nn.Module], seconds: list[list[float]]):
             handle.remove()
 
 
+def _timed_forwards(modules: list[torch.nn.Module], seconds: list[list[float]]):
+    """Each forward of ``modules[i]`` timed into ``seconds[i]``."""
+    return _timed_spans([([module], module) for module in modules], seconds)
+
+
 def unit_seconds(pipe: Any, units: list[tuple[str, torch.nn.Module]], call: dict[str, Any], num_steps: int,
                  repeats: int, feeders: dict[str, list[tuple[str, torch.nn.Module]]] | None = None,
                  ) -> tuple[torch.Tensor, float]:
-    """``(t [T, U], T_den)``: median seconds of unit u at step k (with its ``feeders``, which a reuse skips too), and
-    of all denoiser forwards, over ``repeats`` plain calls (after one warm-up). A step with several denoiser forwards
-    (separate CFG passes) sums them."""
+    """``(t [T, U], T_den)``: median seconds of unit u at step k, and of all denoiser forwards, over ``repeats``
+    plain calls (after one warm-up). A step with several denoiser forwards (separate CFG passes) sums them.
+
+    A unit with ``feeders`` is timed from its first feeder's start to its own end: a reuse skips the feeders, and
+    their zero-width placeholders make the block's work between them and the unit free too (Flux's GELU and
+    concatenation before ``proj_out``; :mod:`diffusion_accel.routed_units`)."""
     from ..bench import generate
     from ..pipelines.adapters import find_adapter
 
     denoiser = find_adapter(pipe).get_denoiser(pipe)
-    # timed modules after the denoiser: each unit, then each feeder (owner = the unit it is added to)
-    owners = list(range(len(units))) + [u for u, (name, _) in enumerate(units) for _ in (feeders or {}).get(name, [])]
-    modules = [denoiser] + [module for _, module in units] + [
-        module for name, _ in units for _, module in (feeders or {}).get(name, [])]
+    spans = [([denoiser], denoiser)] + [([module for _, module in (feeders or {}).get(name, [])] + [module], module)
+                                        for name, module in units]
     per_call: list[tuple[torch.Tensor, float]] = []
     for repeat in range(repeats + 1):
-        seconds: list[list[float]] = [[] for _ in modules]
-        with _timed_forwards(modules, seconds):
+        seconds: list[list[float]] = [[] for _ in spans]
+        with _timed_spans(spans, seconds):
             generate(pipe, call)
         forwards = len(seconds[0])
         if forwards % num_steps:
             raise ValueError(f"{forwards} denoiser forwards in a {num_steps}-step call: not a whole number per step")
         table = torch.zeros(num_steps, len(units), dtype=torch.float64)
-        for u, times in zip(owners, seconds[1:], strict=True):
+        for u, times in enumerate(seconds[1:]):
             if len(times) != forwards:
                 raise ValueError(f"unit {units[u][0]} ran {len(times)} times in {forwards} denoiser forwards")
             for f, value in enumerate(times):

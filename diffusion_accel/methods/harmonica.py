@@ -188,6 +188,8 @@ class HarmoniCaMethod(Method):
         if reason:
             raise ValueError(f"{self.name}: {reason}.")
         self.units.reset()
+        # compiled blocks keep the shapes they were traced with (routed_units._placeholder)
+        self.units.zero_width = not session.runs_compiled()
 
     def on_stage_begin(self, session: AccelSession) -> None:
         self.units.reset()

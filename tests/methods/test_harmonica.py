@@ -229,6 +229,47 @@ def test_reused_single_stream_branch_skips_its_feeders(flux, tmp_path):
     assert counts["routed"] == dict.fromkeys(weights, (STEPS - 2) * per_step)
 
 
+def test_reused_branch_gets_a_zero_width_input_unless_compiled(flux, tmp_path, monkeypatch):
+    """Eager blocks: a reused proj_out's feeders return zero-width placeholders, so the GELU and concatenation
+    before it run on empty tensors. Compiled blocks get the real width (a new shape would recompile the code
+    between the hooks). Either way the output is the same bits, and the compile check sees regional compile."""
+    from diffusion_accel.session import AccelSession
+
+    adapter = find_adapter(flux)
+    names = [n for n, _ in adapter.routing_units(flux)]
+    logits = torch.full((STEPS, len(names)), 5.0)
+    logits[2:, names.index("single_transformer_blocks.0.proj_out")] = -5.0
+    folder = _router(flux, tmp_path, logits=logits)
+    block = flux.transformer.single_transformer_blocks[0]
+    config = {"method": "harmonica", "router": str(folder), "threshold": 0.5}
+
+    def widths_and_output():
+        widths = []
+        handle = block.proj_out.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[-1]))
+        try:
+            with da.accelerated(flux, config):
+                out = run_pipe(flux, "flux")
+        finally:
+            handle.remove()
+        return widths, out
+
+    eager_widths, eager = widths_and_output()
+    monkeypatch.setattr(AccelSession, "runs_compiled", lambda self: True)
+    compiled_widths, compiled = widths_and_output()
+    full = block.proj_out.in_features
+    assert 0 in eager_widths and set(eager_widths) == {0, full}
+    assert set(compiled_widths) == {full} and len(compiled_widths) == len(eager_widths)
+    assert torch.equal(eager, compiled)
+    monkeypatch.undo()
+    with da.accelerated(flux, config) as handle:
+        assert not handle.session.runs_compiled()
+        block.compile()
+        try:
+            assert handle.session.runs_compiled()
+        finally:
+            block._compiled_call_impl = None
+
+
 def test_reused_single_stream_branch_is_regated(flux):
     """A reused proj_out output is re-gated with the current step's gate: the block returns residual + gate_k ·
     P_j, with P_j the proj_out output of the step that computed it."""

@@ -9,7 +9,7 @@ from diffusion_accel.pipelines.adapters import find_adapter
 from diffusion_accel.pipelines.tiny import tiny_call_kwargs
 
 from diffusion_accel.bench import count_denoiser_macs, parse_method_specs
-from diffusion_accel.benchmarks.router_overhead import account, free_reuse_ratio, unit_seconds
+from diffusion_accel.benchmarks.router_overhead import _timed_spans, account, free_reuse_ratio, unit_seconds
 from diffusion_accel.cache_router import CacheRouter
 from diffusion_accel.testing import tiny_pipeline
 
@@ -36,6 +36,30 @@ def test_free_reuse_ratio_counts_only_reused_cells():
     # 20 s of denoiser time, the reused cell (step 1, unit 0) took 3 s
     assert free_reuse_ratio(seconds, 20.0, compute) == pytest.approx(20.0 / 17.0)
     assert free_reuse_ratio(seconds, 20.0, torch.ones(2, 2, dtype=torch.bool)) == 1.0
+
+
+class _Sleeps(torch.nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return x
+
+
+def test_a_unit_with_feeders_is_timed_from_its_first_feeder():
+    """A reuse skips the feeders and the work between them and the unit, so the unit's time spans all of it: from
+    the first feeder's start to the unit's end, once per unit forward."""
+    feeder, between, unit = _Sleeps(0.02), _Sleeps(0.02), _Sleeps(0.0)
+    spans, plain = [[]], [[]]
+    with _timed_spans([([feeder, unit], unit)], spans), _timed_spans([([unit], unit)], plain):
+        for _ in range(2):
+            unit(between(feeder(torch.zeros(1))))
+    assert len(spans[0]) == len(plain[0]) == 2
+    assert all(t >= 0.04 for t in spans[0]) and all(t < 0.04 for t in plain[0])
 
 
 def test_unit_table_covers_every_step_and_unit(pipe):
