@@ -7,10 +7,12 @@
    monolithic flow model (the testbed's own ``FluxTransformer2DModel`` architecture), BFM with M ∈ {1, 2, 4}
    segments with semantic feature guidance (SG), M = 4 without it, and M = 4 with the feature residual network
    (FRA, ``diffusion-accel train bfm_frn``). The shipped ``testbed:flow`` (far more training, on a GPU) is the
-   quality ceiling. Each model samples 64 held-out prompts with its own sampler contract (28 Euler steps, true CFG
-   4.0, seed = prompt index). Columns: denoiser MACs per image (``torch.utils.flop_counter`` over whole calls),
-   wall seconds per image (one-prompt calls, every model once per round, ``--repeats`` rounds, median), adherence
-   (shapes-net, Wilson 95 % interval; shapes-judge beside it, which the SG variants were aligned to), FID-shapes.
+   quality ceiling, and the monolithic model at half its steps (:data:`FEWER_STEPS`) is the equal-MACs baseline:
+   as many denoiser MACs per image as BFM M = 4 + SG, bought with fewer steps instead of blockwise segments. Each
+   model samples 64 held-out prompts with its own sampler contract (28 Euler steps, true CFG 4.0, seed = prompt
+   index). Columns: denoiser MACs per image (``torch.utils.flop_counter`` over whole calls), wall seconds per image
+   (one-prompt calls, every model once per round, ``--repeats`` rounds, median), adherence (shapes-net, Wilson 95 %
+   interval; shapes-judge beside it, which the SG variants were aligned to), FID-shapes.
 2. Stacking: Δ-cache and adaptive guidance applied to ``testbed:bfm`` (the M = 4 model) with and without FRA, by
    the side-by-side bench (same seeds, quality vs its own un-accelerated output).
 
@@ -38,6 +40,11 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("BFM M=4, no SG", "k4-nosg", "--alignment_layers 0 --alignment_single_layers 0"),
     ("BFM M=4 + SG + FRA", "k4-frn", "then bfm_frn --config flow-bfm-frn"),
 )
+#: Rows that sample a run of :data:`ROWS` with fewer steps than its contract: (label, run, steps). 14 of the
+#: monolithic model's 28 steps cost what BFM M = 4 + SG's 28 do (half the velocity blocks run per step).
+FEWER_STEPS: tuple[tuple[str, str, int], ...] = (
+    ("monolithic, equal budget, 14 steps (equal MACs)", "monolithic", 14),
+)
 #: The equal-budget row BFM is judged against, and the claim: BFM at >= this many times fewer MACs per image with
 #: adherence and FID-shapes at least as good.
 REFERENCE = "monolithic, equal budget"
@@ -57,16 +64,20 @@ def _load(name: str):
     return pipe
 
 
-def _call(pipe: Any, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+def _call(pipe: Any, prompts: list[str], seeds: list[int], steps: int | None = None) -> dict[str, Any]:
+    """The pipeline's sampler contract for ``prompts`` (``steps`` overrides its step count)."""
     from ..pipelines.contract import contract_of
 
     contract = contract_of(pipe)
     negative = [contract.get("negative_prompt", "")] * len(prompts)
-    return {**contract, "prompt": list(prompts), "negative_prompt": negative,
+    call = {**contract, "prompt": list(prompts), "negative_prompt": negative,
             "generator": [torch.Generator().manual_seed(s) for s in seeds]}
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    return call
 
 
-def quality_row(pipe: Any, prompts: list[str], batch: int = 16) -> dict[str, Any]:
+def quality_row(pipe: Any, prompts: list[str], batch: int = 16, steps: int | None = None) -> dict[str, Any]:
     """Images of every prompt (seed = index), their adherence by both judges, FID-shapes, MACs per image."""
     from ..bench import generate_counting_macs, to_uint8
     from ..eval.paired import proportion_ci
@@ -74,7 +85,8 @@ def quality_row(pipe: Any, prompts: list[str], batch: int = 16) -> dict[str, Any
 
     chunks, macs = [], 0.0
     for i in range(0, len(prompts), batch):
-        out, m = generate_counting_macs(pipe, _call(pipe, prompts[i:i + batch], list(range(i, i + batch))))
+        chunk = prompts[i:i + batch]
+        out, m = generate_counting_macs(pipe, _call(pipe, chunk, list(range(i, i + len(chunk))), steps))
         chunks.append(to_uint8(out))
         macs += m
     images = np.concatenate(chunks)
@@ -87,17 +99,20 @@ def quality_row(pipe: Any, prompts: list[str], batch: int = 16) -> dict[str, Any
     return row
 
 
-def wall_per_image(pipes: dict[str, Any], prompt: str, repeats: int) -> dict[str, float]:
-    """Median seconds of a one-prompt call per model, the models interleaved in every round."""
+def wall_per_image(pipes: dict[str, Any], prompt: str, repeats: int,
+                   steps: dict[str, int] | None = None) -> dict[str, float]:
+    """Median seconds of a one-prompt call per model (``steps``: per label, an override of its step count), the
+    models interleaved in every round."""
     from ..bench import generate
 
+    steps = steps or {}
     times: dict[str, list[float]] = {label: [] for label in pipes}
-    for pipe in pipes.values():  # warm-up
-        generate(pipe, _call(pipe, [prompt], [0]))
+    for label, pipe in pipes.items():  # warm-up
+        generate(pipe, _call(pipe, [prompt], [0], steps.get(label)))
     for _ in range(repeats):
         for label, pipe in pipes.items():
             start = time.perf_counter()
-            generate(pipe, _call(pipe, [prompt], [0]))
+            generate(pipe, _call(pipe, [prompt], [0], steps.get(label)))
             times[label].append(time.perf_counter() - start)
     return {label: float(np.median(t)) for label, t in times.items()}
 
@@ -118,6 +133,13 @@ def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                       "meets_claim": bool(factor >= MACS_FACTOR
                                           and row["adherence_shapes-net"] >= ref["adherence_shapes-net"]
                                           and row["fid_shapes"] <= ref["fid_shapes"])}
+        for equal_macs, _, _ in FEWER_STEPS:  # the same model at about this row's cost, by fewer steps
+            if equal_macs in rows:
+                other = rows[equal_macs]
+                out[label][f"vs {equal_macs}"] = {
+                    "macs_over_it": row["macs_per_image"] / other["macs_per_image"],
+                    "adherence_diff_points": 100 * (row["adherence_shapes-net"] - other["adherence_shapes-net"]),
+                    "fid_ratio": row["fid_shapes"] / other["fid_shapes"]}
     return out
 
 
@@ -175,18 +197,28 @@ def main(argv: list[str] | None = None) -> int:
             present.append((label, name, flag))
         else:
             missing.append(label)
-    pipes = {label: _load(name) for label, name, _ in present}
+    loaded = {name: _load(name) for _, name, _ in present}  # one model per run, however many rows sample it
+    steps: dict[str, int] = {}
+    for label, entry, count in FEWER_STEPS:  # the same loaded model, sampled with fewer steps, after its row
+        name = _pipeline_name(runs, entry)
+        at = next((i for i, (_, row_name, _) in enumerate(present) if row_name == name), None)
+        if at is not None:
+            steps[label] = count
+            present.insert(at + 1, (label, name, f"{present[at][2]}, sampled with {count} steps"))
+    pipes = {label: loaded[name] for label, name, _ in present}
     rows: dict[str, dict[str, Any]] = {}
     for label in pipes:
-        rows[label] = quality_row(pipes[label], prompts)
+        rows[label] = quality_row(pipes[label], prompts, steps=steps.get(label))
         print(f"{label}: adherence {100 * rows[label]['adherence_shapes-net']:.1f} %, FID-shapes "
               f"{rows[label]['fid_shapes']:.1f}, {rows[label]['macs_per_image'] / 1e9:.3f} GMACs", flush=True)
-    for label, seconds in wall_per_image(pipes, prompts[0], args.repeats).items():
+    for label, seconds in wall_per_image(pipes, prompts[0], args.repeats, steps).items():
         rows[label]["wall_seconds"] = seconds
     from PIL import Image
 
     for index, row in enumerate(rows.values()):  # the first 16 prompts of each row, named by its table number
         images = row.pop("_images")
+        if len(images) < 16:
+            continue
         grid = images[:16].reshape(2, 8, *images.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(
             2 * images.shape[1], 8 * images.shape[2], 3)
         Image.fromarray(grid).save(out / f"grid_{index}.png")
@@ -217,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bfm.json").write_text(json.dumps(report, indent=2, default=_json_default))
     verdict_lines = [f"- {label}: {v['macs_factor']:.2f}x fewer MACs than the equal-budget monolithic model, "
                      f"adherence {v['adherence_diff_points']:+.1f} points, FID-shapes x{v['fid_ratio']:.2f}: "
-                     f"claim {'met' if v['meets_claim'] else 'NOT met'}" for label, v in report["verdict"].items()]
+                     f"claim {'met' if v['meets_claim'] else 'NOT met'}" + "".join(
+                         f"; vs the {other} (at {c['macs_over_it']:.2f}x its MACs): adherence "
+                         f"{c['adherence_diff_points']:+.1f} points, FID-shapes x{c['fid_ratio']:.2f}"
+                         for other, c in ((k[3:], c) for k, c in v.items() if k.startswith("vs ")))
+                     for label, v in report["verdict"].items()]
     text = table + "\n\n" + "\n".join(verdict_lines) + ("\n\nmissing runs: " + ", ".join(missing) if missing else "")
     (out / "bfm.md").write_text(text + "\n")
     print(text)
