@@ -61,7 +61,8 @@ WAN_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 #: ``init_from`` (:func:`train_wan_decoder`); the step counts are those the shipped decoder reached in wall-clock
 #: budgets of 10 and 52 minutes on one thread of a shared 2-core CPU (62 min in all; run by steps, the stages follow
 #: the same schedule shape, not the same bits). Reconstruction PSNR on 64 validation clips: 19.0 → 20.8 → 23.6 dB;
-#: the judge's colour on them 72 → 100 %, but shape stays at 31 % (chance 33 %): the blobs sharpen, not into shapes.
+#: on the 64 held-out clips (``testbed eval wan``) colour 72 → 100 % and direction 94 → 100 %, but shape stays at
+#: 31 % (chance 33 %): the blobs sharpen, not into shapes (``docs/results/testbed_training/wan_decoder_eval.json``).
 WAN_DECODER_RECIPE: tuple[dict[str, Any], ...] = (
     {"steps": 349, "batch_size": 8, "lr": 1e-3, "decoder_only": True},
     {"steps": 2468, "batch_size": 8, "lr": 1e-3, "decoder_only": True},
