@@ -15,6 +15,8 @@ def _default_output(name: str) -> Path:
 
     if name == "resshift-vae":  # not an asset of its own: `students <run> resshift --vae <it>` ships it
         return Path("runs/sr/resshift-vae")
+    if name == "wan-decoder":  # a candidate for assets/testbed-wan/vae, compared with `testbed eval wan` first
+        return Path("runs/wan/vae-decoder")
     return assets_root() / (name if name in ("shapes-net", "shapes-judge") else f"testbed-{name}")
 
 
@@ -28,6 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["vae_path"] = args.vae_path
     if args.recipe:
         extra["recipe"] = args.recipe
+    if args.init_from:
+        extra["init_from"] = args.init_from
     metrics = train(args.name, output, seed=args.seed, minutes=args.minutes, **extra)
     print(json.dumps({"name": args.name, "output": str(output), **metrics}, indent=2, default=str))
     return 0
@@ -76,15 +80,18 @@ def add_testbed_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
     tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, resshift-vae, pixart, "
-                                              "flow, wan)")
+                                              "flow, wan, wan-decoder)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder; "
-                                                   "resshift-vae: runs/sr/resshift-vae)")
+                                                   "resshift-vae: runs/sr/resshift-vae; wan-decoder: "
+                                                   "runs/wan/vae-decoder)")
     tr.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap of the whole training command (a VAE trained on the way gets at most a "
                          "third; the final evaluation is not counted)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
+    tr.add_argument("--init-from", "--init_from", dest="init_from", default=None,
+                    help="wan-decoder: the VAE whose decoder is fine-tuned (default: the shipped testbed-wan's)")
     tr.add_argument("--recipe", default=None, choices=("shipped", "cpu"),
                     help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "
                          "wan ~45 min, on 2 cores; default without a GPU)")

@@ -4,17 +4,20 @@ Names: ``"shapes-net"`` (classifier), ``"shapes-judge"`` (the independent second
 shared AutoencoderKL), ``"resshift-vae"`` (its decoder fine-tuned further for ``testbed:resshift``, encoder frozen),
 ``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
 ``<output_dir>/../testbed-vae`` unless ``vae_path`` is given), ``"wan"`` (the video testbed with its own
-``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`).
+``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`),
+``"wan-decoder"`` (that VAE's decoder fine-tuned, encoder frozen: ``WAN_DECODER_RECIPE``).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan")
+TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
+                                 "wan-decoder")
 
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
@@ -51,6 +54,13 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
 
         return train_wan_recipe(output_dir, recipe=kwargs.pop("recipe", None) or default_recipe(), seed=seed,
                                 minutes=minutes, **kwargs)
+    if name == "wan-decoder":
+        from .train_wan import train_wan_decoder
+
+        unknown = set(kwargs) - {"init_from"}
+        if unknown:
+            raise ValueError(f"wan-decoder runs WAN_DECODER_RECIPE; {', '.join(sorted(unknown))} cannot be set.")
+        return train_wan_decoder(output_dir, seed=seed, minutes=minutes, **kwargs)
     if name in ("pixart", "flow"):
         from .train_diffusion import train_pipeline
 
@@ -153,11 +163,14 @@ def train_pipeline_recipe(name: str, output_dir: str | Path, recipe: str, seed: 
 
 
 def train_vae_recipe(output_dir: str | Path, seed: int = 0, minutes: float | None = None,
-                     stages: tuple[dict[str, Any], ...] = VAE_RECIPE, init_from: str | Path | None = None) -> dict:
-    """Run ``stages`` (:data:`VAE_RECIPE`, or :data:`RESSHIFT_VAE_RECIPE` from ``init_from``); intermediate stages
+                     stages: tuple[dict[str, Any], ...] = VAE_RECIPE, init_from: str | Path | None = None,
+                     trainer: Callable[..., dict] | None = None) -> dict:
+    """Run ``stages`` (:data:`VAE_RECIPE`, or :data:`RESSHIFT_VAE_RECIPE` from ``init_from``) with ``trainer``
+    (default :func:`.train_vae.train_vae`; the Wan VAE's is :func:`.train_wan.train_wan_vae`); intermediate stages
     go to ``<output_dir>-stage<i>``. ``minutes`` is split evenly."""
     from .train_vae import train_vae
 
+    trainer = trainer or train_vae
     output_dir = Path(output_dir)
     previous: Path | None = None if init_from is None else Path(init_from)
     metrics: dict = {}
@@ -165,7 +178,7 @@ def train_vae_recipe(output_dir: str | Path, seed: int = 0, minutes: float | Non
         last = i == len(stages) - 1
         target = output_dir if last else output_dir.with_name(f"{output_dir.name}-stage{i}")
         per_stage = None if minutes is None else minutes / len(stages)
-        metrics = train_vae(target, seed=seed, minutes=per_stage, init_from=previous, **stage)
+        metrics = trainer(target, seed=seed, minutes=per_stage, init_from=previous, **stage)
         previous = target
     return metrics
 
