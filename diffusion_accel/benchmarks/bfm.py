@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"claim {'met' if v['meets_claim'] else 'NOT met'}" + "".join(
                          f"; vs the {other} (at {c['macs_over_it']:.2f}x its MACs): adherence "
                          f"{c['adherence_diff_points']:+.1f} points, FID-shapes x{c['fid_ratio']:.2f}"
-                         for other, c in ((k[3:], c) for k, c in v.items() if k.startswith("vs ")))
+                         for other, _, _ in FEWER_STEPS if (c := v.get(f"vs {other}")))
                      for label, v in report["verdict"].items()]
     text = table + "\n\n" + "\n".join(verdict_lines) + ("\n\nmissing runs: " + ", ".join(missing) if missing else "")
     (out / "bfm.md").write_text(text + "\n")

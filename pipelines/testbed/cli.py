@@ -9,6 +9,9 @@ from typing import Any
 
 from .train import TRAIN_NAMES
 
+#: The models whose training can continue from a saved one (``--init-from``).
+INIT_FROM_NAMES = ("vae", "pixart", "flow", "wan-decoder")
+
 
 def _default_output(name: str) -> Path:
     from .shapes_net import assets_root
@@ -31,6 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe:
         extra["recipe"] = args.recipe
     if args.init_from:
+        if args.name not in INIT_FROM_NAMES:
+            raise ValueError(f"--init-from applies to {', '.join(INIT_FROM_NAMES)} (a stage continued from a saved "
+                             f"model); {args.name} trains from scratch or runs a fixed recipe, drop --init-from.")
         extra["init_from"] = args.init_from
     metrics = train(args.name, output, seed=args.seed, minutes=args.minutes, **extra)
     print(json.dumps({"name": args.name, "output": str(output), **metrics}, indent=2, default=str))
@@ -91,7 +97,8 @@ def add_testbed_parser(subparsers: Any) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
     tr.add_argument("--init-from", "--init_from", dest="init_from", default=None,
-                    help="wan-decoder: the VAE whose decoder is fine-tuned (default: the shipped testbed-wan's)")
+                    help="wan-decoder: the VAE whose decoder is fine-tuned (default: the shipped testbed-wan's); "
+                         "vae, pixart, flow: the saved model one stage continues")
     tr.add_argument("--recipe", default=None, choices=("shipped", "cpu"),
                     help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "
                          "wan ~45 min, on 2 cores; default without a GPU)")

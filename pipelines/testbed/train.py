@@ -43,8 +43,8 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
         return train_vae_recipe(output_dir, seed=seed, minutes=minutes)
     if name == "resshift-vae":
         if kwargs:
-            raise ValueError(f"resshift-vae runs RESSHIFT_VAE_RECIPE; {', '.join(sorted(kwargs))} cannot be set (train "
-                             "'vae' with --init-from and --decoder-only for a stage of your own).")
+            raise ValueError(f"resshift-vae runs RESSHIFT_VAE_RECIPE; {', '.join(sorted(kwargs))} cannot be set (for "
+                             "a stage of your own: train('vae', ..., init_from=<VAE folder>, decoder_only=True)).")
         from .registry import testbed_path
 
         return train_vae_recipe(output_dir, seed=seed, minutes=minutes, stages=RESSHIFT_VAE_RECIPE,

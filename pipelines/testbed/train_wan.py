@@ -219,7 +219,10 @@ def train_wan_decoder(output_dir: str | Path, init_from: str | Path | None = Non
     from .registry import testbed_path
     from .train import train_vae_recipe
 
-    init_from = init_from if init_from is not None else testbed_path("wan") / "vae"
+    init_from = Path(init_from) if init_from is not None else testbed_path("wan") / "vae"
+    if not (init_from / "config.json").is_file():  # before from_pretrained, which would look on the Hub
+        raise ValueError(f"--init-from {init_from}: no saved AutoencoderKLWan there (no config.json); pass a VAE "
+                         "folder such as assets/testbed-wan/vae or the vae/ of a `testbed train wan` output.")
     return train_vae_recipe(output_dir, seed=seed, minutes=minutes, stages=stages or WAN_DECODER_RECIPE,
                             init_from=init_from, trainer=train_wan_vae)
 

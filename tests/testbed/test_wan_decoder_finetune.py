@@ -60,3 +60,16 @@ def test_decoder_only_needs_a_trained_vae_and_the_recipe_takes_no_settings(tmp_p
         train_wan_vae(tmp_path, decoder_only=True)
     with pytest.raises(ValueError, match="WAN_DECODER_RECIPE.*lr"):
         train("wan-decoder", tmp_path, lr=1e-3)
+
+
+def test_bad_init_from_is_refused_before_any_work(tmp_path, capsys):
+    """A folder with no saved VAE is named (not looked up on the Hub); a model that cannot continue from a saved one
+    refuses --init-from instead of failing inside its trainer. Nothing is written either way."""
+    from diffusion_accel.cli import main
+
+    out = tmp_path / "out"
+    assert main(["testbed", "train", "wan-decoder", "--init-from", str(tmp_path / "none"), "--output", str(out)]) != 0
+    assert "no saved AutoencoderKLWan there" in capsys.readouterr().err
+    assert main(["testbed", "train", "wan", "--init-from", str(tmp_path), "--output", str(out)]) != 0
+    assert "--init-from applies to vae, pixart, flow, wan-decoder" in capsys.readouterr().err
+    assert not out.exists()
