@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default="testbed:pixart", choices=sorted(PEERS))
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts-file", default=None, help="prompts, one per line, instead of the held-out ones "
+                        "(the first --prompts lines; e.g. a development set to choose variants on, so that the "
+                        "held-out prompts stay the judge)")
     parser.add_argument("--target", type=float, default=None, help="MACs ratio HarmoniCa and L2C are set to")
     parser.add_argument("--extra-targets", default="1.4,2.0", help="more HarmoniCa points for the Pareto front")
     parser.add_argument("--l2c-target", type=float, default=None,
@@ -217,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     specs.append(f"l2c:router={l_router}:target_macs_ratio={args.l2c_target or target}")
     specs += args.also.split(",") if args.also else []
     specs += args.peers.split(",") if args.peers else PEERS[args.pipeline]
-    report = run_bench(args.pipeline, ",".join(specs), num_prompts=args.prompts, repeats=args.repeats,
-                       out_dir=out, json_path=out / "bench.json", batch_size=32, pareto_x="macs_ratio")
+    report = run_bench(args.pipeline, ",".join(specs), num_prompts=args.prompts, prompts_file=args.prompts_file,
+                       repeats=args.repeats, out_dir=out, json_path=out / "bench.json", batch_size=32,
+                       pareto_x="macs_ratio")
     harmonica_label = specs[1]
     result: dict[str, Any] = {"quality": report, "verdict": verdict(report, args.pipeline, harmonica_label)}
     pareto_two_panels(report, out / "pareto_learned_cache.png")

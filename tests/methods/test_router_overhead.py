@@ -87,6 +87,27 @@ def test_account_rebuilds_the_flop_counters_macs_ratio(pipe, tmp_path):
     assert result["free_reuse_ratio"] > 1.0
 
 
+def test_applying_the_router_stays_outside_the_timed_calls(pipe, tmp_path, monkeypatch):
+    """The wall ratio is what a user who applied the router once sees per call: a slow apply (reading the router
+    file) shows in ``median_seconds["apply"]``, not in the router's call time."""
+    import time
+
+    units = find_adapter(pipe).routing_units(pipe)
+    folder = CacheRouter.for_pipeline(pipe, STEPS, None, logits=torch.zeros(STEPS, len(units))).save(tmp_path / "r")
+    load = CacheRouter.load.__func__
+    delay = 0.5
+
+    def slow_load(cls, path):
+        time.sleep(delay)
+        return load(cls, path)
+
+    monkeypatch.setattr(CacheRouter, "load", classmethod(slow_load))
+    result = account(pipe, folder, _call(), threshold=0.5, repeats=1)
+    seconds = result["median_seconds"]
+    assert seconds["apply"] >= delay
+    assert seconds["wall"]["router"] < seconds["wall"]["baseline"] + delay
+
+
 def test_account_refuses_a_router_of_another_layout(pipe, tmp_path):
     units = find_adapter(pipe).routing_units(pipe)
     folder = CacheRouter.for_pipeline(pipe, STEPS, None, logits=torch.zeros(STEPS, len(units))).save(tmp_path / "r")

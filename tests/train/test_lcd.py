@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -42,6 +43,50 @@ def test_epsilon_solver_step_is_exact_for_the_true_noise():
     x = ode.noise(x0, eps, t_from)
     torch.testing.assert_close(ode.solver_step(x, eps, eps, t_from, t_to, 3.5), ode.noise(x0, eps, t_to))
     torch.testing.assert_close(ode.x0_from(x, eps, t_from), x0, rtol=1e-4, atol=1e-4)
+
+
+def _teacher_like(x, t):
+    """A smooth, non-linear stand-in for a CFG teacher's two outputs at (x, t)."""
+    scale = t.float().view(-1, *([1] * (x.ndim - 1))) / 1000.0
+    return torch.tanh(x) * (1 + scale), torch.sin(x) * scale
+
+
+def _solve(ode, x, times, w):
+    for t_from, t_to in itertools.pairwise(times):
+        x = ode.solver_step(x, *_teacher_like(x, t_from), t_from, t_to, w)
+    return x
+
+
+@pytest.mark.parametrize("family", ["epsilon", "flow"])
+def test_substeps_follow_the_finer_grid(family):
+    """m sub-steps across one skip of the N grid are the single steps of the m·N grid between the same ends."""
+    from diffusion_accel.train.lcd import EpsilonODE
+
+    class Fam:
+        @staticmethod
+        def alphas_cumprod():
+            return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+
+    make = EpsilonODE if family == "epsilon" else FlowODE
+    coarse, fine = make(Fam(), 20, torch.device("cpu")), make(Fam(), 40, torch.device("cpu"))
+    index = torch.tensor([19, 7, 0])
+    t_start, t_end = coarse.times(index)
+    times = coarse.substep_times(t_start, t_end, 2)
+    fine_from, fine_mid = fine.times(2 * index + 1)
+    torch.testing.assert_close(times[1], fine_mid)
+    torch.testing.assert_close(fine_from, t_start)
+    x = torch.randn(3, 4, 8, 8)
+    one_step = _solve(coarse, x, [t_start, t_end], 3.5)
+    two_steps = _solve(coarse, x, times, 3.5)
+    torch.testing.assert_close(two_steps, _solve(fine, x, [fine_from, fine_mid, fine.times(2 * index)[1]], 3.5))
+    assert (two_steps - one_step).abs().max() > 1e-3  # the finer grid changes the target
+
+
+def test_substeps_that_miss_integer_timesteps_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not divide the skip 50"):
+        train("lcd", output_dir=str(tmp_path / "run"), max_train_steps=1, num_ddim_timesteps=20, solver_substeps=3,
+              **TINY_PIXART)
+    assert not (tmp_path / "run").exists()
 
 
 def test_flow_solver_step_follows_the_straight_path():
