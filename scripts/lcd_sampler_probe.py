@@ -6,8 +6,10 @@
 LCM's sampler re-noises each x̂0 estimate with fresh noise; Diffusers' ``TCDScheduler`` (Zheng et al., arXiv
 2402.19159) mixes the estimate's own noise back in, with γ (the pipeline's ``eta``) the fraction of fresh noise:
 γ = 0 is deterministic. Rows: the student at 4 steps with its own ``LCMScheduler`` and with ``TCDScheduler`` at
-several γ, and at 2 steps. Same 64 held-out prompts and seeds as the distill benchmark, both judges, the paired
-difference to the teacher's reference (20 DPM-Solver++ steps with CFG).
+several γ, and at 2 steps; then LCM's sampler on other timesteps of the student's grid (``--timesteps``; its
+contract spaces them evenly: 999, 749, 499, 249 at 4 steps). Same 64 held-out prompts and seeds as the distill
+benchmark (or ``--prompts-file``: a development set to choose on), both judges, the paired difference to the
+teacher's reference (20 DPM-Solver++ steps with CFG).
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusion_accel.benchmarks import distill as bench
     from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.prompts import bench_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="testbed:pixart-lcm")
     parser.add_argument("--teacher", default="testbed:pixart")
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.3, 0.6])
+    parser.add_argument("--gammas", type=float, nargs="*", default=[0.0, 0.3, 0.6])
+    parser.add_argument("--timesteps", nargs="*", default=[], help="LCM rows on these timesteps, each a comma list "
+                                                                   "(e.g. 999,699,399,149)")
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts-file", default=None, help="prompts, one per line, instead of the held-out ones")
     parser.add_argument("--out", default="docs/results/distill_substeps/sampler_probe.json")
     args = parser.parse_args(argv)
 
     teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
-    prompts = list(heldout_prompts())[:args.prompts]
+    prompts = (bench_prompts("testbed:pixart", args.prompts, args.prompts_file) if args.prompts_file
+               else list(heldout_prompts())[:args.prompts])
     seeds = list(range(len(prompts)))
     judge = bench._load_judge()
 
@@ -56,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("LCMScheduler, 4 steps", lcm, {"num_inference_steps": 4})]
     rows += [(f"TCDScheduler γ = {g:g}, 4 steps", None, {"num_inference_steps": 4, "eta": g}) for g in args.gammas]
     rows += [(f"TCDScheduler γ = {g:g}, 2 steps", None, {"num_inference_steps": 2, "eta": g}) for g in args.gammas[:2]]
-    report = {"probe": "lcd_sampler", "student": args.student, "num_prompts": len(prompts), "rows": []}
+    for spec in args.timesteps:
+        steps = [int(t) for t in spec.split(",")]
+        rows.append((f"LCMScheduler, timesteps {spec}", lcm, {"timesteps": steps}))
+    report = {"probe": "lcd_sampler", "student": args.student, "num_prompts": len(prompts),
+              "prompts_file": args.prompts_file, "rows": []}
     try:
         for label, scheduler, call in rows:
             student.scheduler = scheduler or TCDScheduler.from_config(lcm.config)
