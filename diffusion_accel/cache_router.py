@@ -116,6 +116,11 @@ class CacheRouter:
         """Fraction of the (step, unit) cells reused (the papers' cache usage ratio, CUR)."""
         return float(1.0 - self.decisions(threshold).double().mean())
 
+    def set_threshold(self, threshold: float) -> None:
+        """Store τ in the config with the MACs ratio and cache rate it gives (what :meth:`save` writes)."""
+        self.config.update(threshold=threshold, macs_ratio=self.macs_ratio(threshold),
+                           cache_rate=self.cache_rate(threshold))
+
     def threshold_for(self, *, macs_ratio: float | None = None, cache_rate: float | None = None) -> float:
         """The τ that reuses the fewest lowest-scoring trainable cells reaching the target MACs ratio (or cache
         usage ratio); a ``ValueError`` naming the reachable maximum when even reusing every trainable cell falls

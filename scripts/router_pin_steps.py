@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         router.trainable[step] = False
         router.logits[step] = PINNED_LOGIT
     tau = router.threshold_for(macs_ratio=args.target)
-    router.config.update(threshold=tau, macs_ratio=router.macs_ratio(tau), cache_rate=router.cache_rate(tau),
-                         pinned_by_probe=sorted(args.pin))
+    router.set_threshold(tau)
+    router.config["pinned_by_probe"] = sorted(args.pin)
     router.save(args.out)
     reused = (~router.decisions(tau)).sum(dim=1).tolist()
     print(f"{args.out}: τ = {tau:.4f}, MACs {router.config['macs_ratio']:.3f}x; units reused per step: {reused}")

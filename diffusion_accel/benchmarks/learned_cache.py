@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the speed-tier overhead run (out/speed/router_overhead.json)")
     parser.add_argument("--out", default=None, help="default: docs/results/learned_cache_<testbed>")
     args = parser.parse_args(argv)
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        parser.error(f"--prompts-file {args.prompts_file}: no such file (one prompt per line)")
     name = args.pipeline.split(":", 1)[1]
     out = Path(args.out or f"docs/results/learned_cache_{name}")
     out.mkdir(parents=True, exist_ok=True)

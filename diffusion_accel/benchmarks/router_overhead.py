@@ -195,7 +195,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| router overhead (ceiling / measured − 1) | {100 * result['router_overhead']:+.1f} % |")
     apply = result["median_seconds"].get("apply")
     if apply is not None:
-        lines.append(f"| applying + removing the router, once (outside the timed calls) | {apply:.3f} s |")
+        lines.append(f"| applying the router, once (outside the timed calls, as is removing it) | {apply:.3f} s |")
     lines += ["", "| unit kind | share of denoiser wall time | share of denoiser MACs |", "|---|---|---|"]
     for kind, share in result["shares"].items():
         lines.append(f"| {kind} | {100 * share['time_share']:.1f} % | {100 * share['macs_share']:.1f} % |")

@@ -333,8 +333,7 @@ class RouterRecipe(Recipe):
         threshold = opts.train_threshold
         if opts.target_macs_ratio is not None:
             threshold = router.threshold_for(macs_ratio=opts.target_macs_ratio)
-        router.config.update(threshold=threshold, macs_ratio=router.macs_ratio(threshold),
-                             cache_rate=router.cache_rate(threshold))
+        router.set_threshold(threshold)
         router.save(output_dir)
         self.units.uninstall()
         return {k: router.config[k] for k in ("objective", "threshold", "macs_ratio", "cache_rate",

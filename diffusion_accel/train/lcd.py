@@ -124,13 +124,17 @@ class EpsilonODE:
 
     def __init__(self, family: TeacherFamily, num_ddim_timesteps: int, device: torch.device):
         self.ab = family.alphas_cumprod().to(device)
-        train_steps = len(self.ab)
-        self.skip = train_steps // num_ddim_timesteps
+        self.skip = self.skip_for(family, num_ddim_timesteps)
         self.grid = (torch.arange(1, num_ddim_timesteps + 1, device=device) * self.skip - 1).long()
 
     def times(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.grid[index]
         return start, (start - self.skip).clamp_min(0)
+
+    @staticmethod
+    def skip_for(family: TeacherFamily, num_ddim_timesteps: int) -> int:
+        """The skipping step k: the teacher's training timesteps / N."""
+        return len(family.alphas_cumprod()) // num_ddim_timesteps
 
     def substep_times(self, t_start: torch.Tensor, t_end: torch.Tensor, m: int) -> list[torch.Tensor]:
         """t_start, the m − 1 integer timesteps dividing the skip evenly, t_end (the first skip ends at 0)."""
@@ -219,7 +223,7 @@ class LCD(Recipe):
                              "distils a CFG teacher: pass --guidance_scale > 1.")
         self.guidance = float(guidance)
         if self.family.prediction == "epsilon":
-            skip = len(self.family.alphas_cumprod()) // opts.num_ddim_timesteps
+            skip = EpsilonODE.skip_for(self.family, opts.num_ddim_timesteps)
             if skip % opts.solver_substeps:
                 raise ValueError(f"--solver_substeps {opts.solver_substeps} does not divide the skip {skip} (the "
                                  "teacher's training timesteps / --num_ddim_timesteps), so its sub-steps would fall "
