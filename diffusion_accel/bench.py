@@ -749,7 +749,9 @@ def add_bench_parser(sub: Any) -> None:
                    help=f"number of built-in/held-out prompts, or a text file (default: {QUALITY_PROMPTS} held-out "
                         "prompt+seed pairs for a testbed on the quality tier, else 16)")
     p.add_argument("--steps", type=int, default=None, help="default: the pipeline's testbed default, else 20")
-    p.add_argument("--tier", choices=("quality", "speed"), default="quality")
+    p.add_argument("--tier", choices=("quality", "speed", "full-width"), default="quality",
+                   help="testbed: the trained models, or random weights sized for timing (speed: the testbed's "
+                        "speed tier; full-width: the published model's block width at a truncated depth)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--size", type=int, default=None, help="height = width in pixels")

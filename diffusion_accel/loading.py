@@ -41,8 +41,8 @@ def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
     * ``tiny:<family>``: a tiny random pipeline built offline (``diffusion_accel.testing.FAMILIES``);
       ``seed=`` picks its weights.
     * ``testbed:<name>``: a shipped tiny trained pipeline (``testbed:pixart``, ``testbed:flow``, the video
-      ``testbed:wan``); ``tier="speed"``
-      gives the compute-realistic random-weight preset of the same architecture.
+      ``testbed:wan``); ``tier="speed"`` gives the compute-realistic random-weight preset of the same
+      architecture, ``tier="full-width"`` (image testbeds) the published model's block width at a truncated depth.
     * anything else goes to ``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)``; a folder saved with a
       sampler contract (:mod:`diffusion_accel.pipelines.contract`) loads as its contract class, so a call with only
       a prompt samples the way the weights were trained.
@@ -83,12 +83,12 @@ def _load(name_or_path: str | Path, **kwargs: Any) -> Any:
     if text.startswith("testbed:"):
         name = text.split(":", 1)[1]
         tier = kwargs.pop("tier", "quality")
-        if tier == "speed":
-            from .pipelines.testbed.models import build_speed_pipeline
+        from .pipelines.testbed.models import TIERS, build_speed_pipeline
 
-            return build_speed_pipeline(name, seed=int(kwargs.pop("seed", 0)))
+        if tier not in TIERS:
+            raise ValueError(f"Unknown testbed tier {tier!r}; use one of {', '.join(map(repr, TIERS))}.")
         if tier != "quality":
-            raise ValueError(f"Unknown testbed tier {tier!r}; use 'quality' or 'speed'.")
+            return build_speed_pipeline(name, seed=int(kwargs.pop("seed", 0)), tier=tier)
         text = str(_testbed_path(name))
     from diffusers import DiffusionPipeline
 
@@ -119,7 +119,7 @@ def base_call_kwargs(pipeline: str, tier: str = "quality") -> dict[str, Any]:
 
         name = pipeline.split(":", 1)[1]
         kwargs = default_call_kwargs(name)
-        if tier == "speed":
-            kwargs.update(speed_call_kwargs(name))
+        if tier != "quality":
+            kwargs.update(speed_call_kwargs(name, tier))
         return kwargs
     return {}

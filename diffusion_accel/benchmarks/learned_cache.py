@@ -10,7 +10,9 @@
    its counted MACs ratio, split by :mod:`.router_overhead` into the ceiling the schedule has on this machine if
    reuse cost nothing (work outside the units, unequal speed per MAC) and the router's own overhead. The trained
    router belongs to the quality model (6 blocks), so the speed tier runs it stretched to the deeper model: block
-   i of D takes the decisions of block ⌊i·D_q/D⌋ (same branches, same steps, same τ).
+   i of D takes the decisions of block ⌊i·D_q/D⌋ (same branches, same steps, same τ). ``--speed-tier full-width``
+   times the published model's block width instead (PixArt-α 1152 on 1024 tokens, FLUX.1 3072; truncated depth),
+   where GEMMs outweigh the per-token elementwise work as they do in the real model.
 
 Writes ``learned_cache.json`` / ``.md``, the bench's own files, and ``pareto_learned_cache.png`` (MACs ratio vs
 PSNR and vs paired adherence difference).
@@ -151,26 +153,28 @@ def verdict(report: dict[str, Any], pipeline: str, harmonica: str) -> dict[str, 
     }
 
 
-def speed_tier(pipeline: str, quality_router: str, out: Path, repeats: int) -> dict[str, Any]:
-    """The quality router stretched over the speed tier, accounted by :func:`.router_overhead.account`; written to
-    ``out/speed/router_overhead.json`` (the caller prints it)."""
+def speed_tier(pipeline: str, quality_router: str, out: Path, repeats: int, tier: str = "speed") -> dict[str, Any]:
+    """The quality router stretched over the random-weight ``tier`` (``speed``, or ``full-width``: the published
+    block width), accounted by :func:`.router_overhead.account`; written to ``out/speed/router_overhead.json``
+    (``router_overhead_full_width.json`` for that tier; the caller prints it)."""
     from ..bench import call_kwargs
     from ..cache_router import CacheRouter
     from ..loading import base_call_kwargs, load_pipeline
     from ..prompts import bench_prompts
     from .router_overhead import account
 
-    pipe = load_pipeline(pipeline, tier="speed")
+    pipe = load_pipeline(pipeline, tier=tier)
     pipe.set_progress_bar_config(disable=True)
-    stretched = stretched_router(quality_router, pipe, out / "speed_router")
+    suffix = "" if tier == "speed" else "_" + tier.replace("-", "_")
+    stretched = stretched_router(quality_router, pipe, out / f"speed_router{suffix}")
     router = CacheRouter.load(stretched)
-    call = call_kwargs(pipe, "", bench_prompts(pipeline, 1), base_call_kwargs(pipeline, tier="speed"),
+    call = call_kwargs(pipe, "", bench_prompts(pipeline, 1), base_call_kwargs(pipeline, tier=tier),
                        router.num_steps, router.config.get("guidance_scale"), None, [0])
     speed = account(pipe, stretched, call, repeats=repeats)
-    speed.update(speedup_wall=speed["end_to_end_wall_ratio"], wall_over_macs=speed["end_to_end_over_macs"],
+    speed.update(tier=tier, speedup_wall=speed["end_to_end_wall_ratio"], wall_over_macs=speed["end_to_end_over_macs"],
                  within_5_percent=speed["end_to_end_wall_ratio"] >= 0.95 * speed["macs_ratio"])
     (out / "speed").mkdir(parents=True, exist_ok=True)
-    (out / "speed" / "router_overhead.json").write_text(json.dumps(speed, indent=2))
+    (out / "speed" / f"router_overhead{suffix}.json").write_text(json.dumps(speed, indent=2))
     return speed
 
 
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-speed", action="store_true", help="skip the speed-tier overhead run")
     parser.add_argument("--speed-only", action="store_true",
                         help="only the speed-tier overhead run (out/speed/router_overhead.json)")
+    parser.add_argument("--speed-tier", default="speed", choices=("speed", "full-width"),
+                        help="the random-weight model the overhead run times: the testbed's speed tier, or "
+                             "full-width (the published model's block width at a truncated depth)")
     parser.add_argument("--out", default=None, help="default: docs/results/learned_cache_<testbed>")
     args = parser.parse_args(argv)
     if args.prompts_file and not Path(args.prompts_file).is_file():
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_only:
         from .router_overhead import markdown as overhead_markdown
 
-        print(overhead_markdown(speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))))
+        print(overhead_markdown(speed_tier(args.pipeline, h_router, out, max(args.repeats, 5),
+                                                    args.speed_tier)))
         return 0
     specs = ["baseline", f"harmonica:router={h_router}:target_macs_ratio={target}"]
     specs += [f"harmonica:router={h_router}:target_macs_ratio={t}" for t in args.extra_targets.split(",") if t]
@@ -231,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report))
 
     if not args.no_speed:
-        result["speed"] = speed_tier(args.pipeline, h_router, out, max(args.repeats, 5))
+        result["speed"] = speed_tier(args.pipeline, h_router, out, max(args.repeats, 5), args.speed_tier)
     (out / "learned_cache.json").write_text(json.dumps(result, indent=2, default=str))
     v = result["verdict"]
     lines = [f"# Learned cache routers on {args.pipeline}", "", markdown_table(report), "",

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default="testbed:pixart")
     parser.add_argument("--router", required=True, help="router folder matching the pipeline (and tier)")
-    parser.add_argument("--tier", default="speed", choices=("quality", "speed"))
+    parser.add_argument("--tier", default="speed", choices=("quality", "speed", "full-width"))
     parser.add_argument("--threshold", type=float, default=None, help="default: the router's stored τ")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt", default=None, help="default: the first held-out prompt")

@@ -14,7 +14,9 @@ HarmoniCa's relaxation: unit output = r·fresh + (1 − r)·cached, r = σ(θ_{k
   **Image-Error-Proxy-guided objective** (IEPO): λ_k is the change of the final latent when caching is switched
   on at step k too (the authors' code variant: soft masks enabled cumulatively from the first step), refreshed
   every ``lambda_refresh_steps`` trajectories on a fixed probe batch and normalised to mean 1 over the steps (so
-  that β means the same with IEPO off, ``--no_iepo``: λ ≡ 1, the paper's "SDT + L_LTC" row).
+  that β means the same with IEPO off, ``--no_iepo``: λ ≡ 1, the paper's "SDT + L_LTC" row). The authors compare
+  DiT's final latents; ``--iepo_space pixel`` compares the decoded images instead (the paper's x_0 is the image),
+  so a step is weighted by what its reuse changes in the picture the VAE draws, not in latent units.
   The anchor steps AdamW after every denoising step; since x and the cache are detached between steps, step k's
   loss has a gradient in row θ_k only, so one update per trajectory gives each row the same gradient (what differs
   is Adam's momentum on rows without gradient) and makes every checkpoint fall on a trajectory boundary, so a
@@ -88,6 +90,9 @@ class HarmoniCaOptions(RouterOptions):
                                                                    "trajectories"})
     num_lambda_prompts: int = field(default=8, metadata={"help": "probe prompts the IEPO weights are measured on"})
     no_iepo: bool = field(default=False, metadata={"help": "λ ≡ 1 (SDT with L2C's per-step loss: the ablation)"})
+    iepo_space: str = field(default="latent", metadata={
+        "help": "where IEPO measures the final error: latent (the authors' code: the sampler's final latents) or "
+                "pixel (those latents decoded by the pipeline's VAE)"})
     full_compute_period: int = field(default=0, metadata={
         "help": "K: pin steps 0, K, 2K, ... to full compute (every unit), so a reused output is at most K − 1 steps "
                 "old; SDT + IEPO route the steps between. K = 2 is L2C's alternation, FORA's / Δ-DiT's cache "
@@ -99,6 +104,8 @@ class HarmoniCaOptions(RouterOptions):
         super().validate()
         if self.lambda_refresh_steps < 1:
             raise ValueError("--lambda_refresh_steps must be >= 1.")
+        if self.iepo_space not in ("latent", "pixel"):
+            raise ValueError(f"--iepo_space must be 'latent' or 'pixel', got {self.iepo_space!r}.")
         if self.full_compute_period < 0 or self.full_compute_period == 1:
             raise ValueError("--full_compute_period (K) must be 0 (free schedule) or >= 2 (K = 1 would pin every "
                              f"step: nothing to route), got {self.full_compute_period}.")
@@ -293,6 +300,10 @@ class RouterRecipe(Recipe):
         return x
 
     # -- artefact --------------------------------------------------------------------------------------------
+    def router_facts(self) -> dict[str, Any]:
+        """Recipe-specific training facts stored in the router's config."""
+        return {}
+
     @torch.no_grad()
     def after_optimizer_step(self, model, step):
         router = self.accelerator.unwrap_model(model)
@@ -329,7 +340,7 @@ class RouterRecipe(Recipe):
             timesteps=[float(t) for t in self.scheduler.timesteps], cache_weight=opts.cache_weight,
             cache_weight_by_macs=opts.cache_weight_by_macs,
             train_threshold=opts.train_threshold, trained_steps=opts.max_train_steps,
-            pipeline=opts.pretrained_teacher_model)
+            pipeline=opts.pretrained_teacher_model, **self.router_facts())
         threshold = opts.train_threshold
         if opts.target_macs_ratio is not None:
             threshold = router.threshold_for(macs_ratio=opts.target_macs_ratio)
@@ -366,12 +377,19 @@ class HarmoniCa(RouterRecipe):
     def checkpoint_objects(self) -> list[Any]:
         return [self.weights]
 
+    def router_facts(self) -> dict[str, Any]:
+        opts: HarmoniCaOptions = self.options  # type: ignore[assignment]
+        return {"iepo": "off" if opts.no_iepo else opts.iepo_space}
+
     @torch.no_grad()
     def refresh_weights(self, scores: torch.Tensor) -> None:
         """λ_k = mean‖x0^{(≤k)} − x0^{(≤k−1)}‖², where x0^{(≤k)} samples with soft routing at steps 1..k and full
-        compute after (the authors' ``get_lambda``), on the fixed probe batch."""
+        compute after (the authors' ``get_lambda``), on the fixed probe batch; with ``--iepo_space pixel`` the x0 are
+        the decoded images."""
         rows, noise = self.probe
         finals = self.samples_switching_on(noise, *self.conditioning(rows), scores)
+        if self.options.iepo_space == "pixel":
+            finals = [self.family.decode(final) for final in finals]
         lam = torch.zeros(self.steps)
         for k in range(1, self.steps):
             lam[k] = (finals[k] - finals[k - 1]).float().pow(2).mean()

@@ -1,9 +1,12 @@
-"""Architectures of the testbed: the trained ("quality") tier and the random-weight "speed" tier.
+"""Architectures of the testbed: the trained ("quality") tier and the random-weight "speed" and "full-width" tiers.
 
-Both tiers use the real Diffusers classes (``PixArtAlphaPipeline`` / ``PixArtTransformer2DModel`` and
+Every tier uses the real Diffusers classes (``PixArtAlphaPipeline`` / ``PixArtTransformer2DModel`` and
 ``FluxPipeline`` / ``FluxTransformer2DModel``). The quality tier is small enough to train on a CPU; the speed tier
 keeps the architecture and widens / deepens it (random weights) so that one transformer forward costs what a
-benchmark of caching or sparsity needs to see (>= 100 ms on a 2-core CPU).
+benchmark of caching or sparsity needs to see (>= 100 ms on a 2-core CPU). The full-width tier has the published
+model's block width (PixArt-α: 1152 = 16 heads x 72; FLUX.1: 3072 = 24 x 128) at a depth a CPU can time: where
+the ratio of GEMM work to per-token elementwise work (norms, modulation, gates) is the real model's, which a
+wall-vs-MACs comparison depends on.
 """
 
 from __future__ import annotations
@@ -44,8 +47,15 @@ def build_vae(seed: int = 0, **overrides: Any):
 
 
 # ------------------------------------------------------------------------------------------------ PixArt
+#: Tiers :func:`build_transformer` knows; ``load_pipeline("testbed:<name>", tier=...)`` takes the same names.
+TIERS: tuple[str, ...] = ("quality", "speed", "full-width")
+
+
 def pixart_transformer_config(tier: str = "quality") -> dict[str, Any]:
-    """``PixArtTransformer2DModel`` config; patch 2 on 16x16 latents = 64 tokens (speed: 32x32 → 256 tokens)."""
+    """``PixArtTransformer2DModel`` config; patch 2 on 16x16 latents = 64 tokens (speed: 32x32 → 256 tokens;
+    full-width: PixArt-α's block (hidden 1152 = 16 heads x 72, cross-attention width 1152), 4 of its 28 blocks,
+    on 64x64 latents → 1024 tokens, PixArt-α's token count at 512x512). The caption width stays the testbed T5's
+    (PixArt-α's T5-XXL gives 4096): the caption projection runs once per forward, outside every block."""
     base = dict(in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS, patch_size=2,
                 caption_channels=T5_DIM, attention_bias=True, activation_fn="gelu-approximate",
                 num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
@@ -56,7 +66,10 @@ def pixart_transformer_config(tier: str = "quality") -> dict[str, Any]:
     if tier == "speed":
         return {**base, "sample_size": 2 * LATENT_SIZE, "num_layers": 14, "num_attention_heads": 6,
                 "attention_head_dim": 64, "cross_attention_dim": 384}
-    raise ValueError(f"unknown tier {tier!r}")
+    if tier == "full-width":
+        return {**base, "sample_size": 4 * LATENT_SIZE, "num_layers": 4, "num_attention_heads": 16,
+                "attention_head_dim": 72, "cross_attention_dim": 1152}
+    raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
 
 
 def pixart_scheduler():
@@ -81,7 +94,9 @@ def assemble_pixart(transformer, vae, seed: int = 0, sampler_contract: dict[str,
 
 # ------------------------------------------------------------------------------------------------ Flux
 def flux_transformer_config(tier: str = "quality") -> dict[str, Any]:
-    """``FluxTransformer2DModel`` config (2x2-packed 16-channel tokens; dual- and single-stream blocks)."""
+    """``FluxTransformer2DModel`` config (2x2-packed 16-channel tokens; dual- and single-stream blocks). Full-width:
+    FLUX.1's block (hidden 3072 = 24 heads x 128, RoPE axes 16/56/56), 1 of its 19 dual- and 2 of its 38
+    single-stream blocks, on the speed tier's 256 image + 32 text tokens (one step of 3 blocks ≈ 2 s on 2 cores)."""
     base = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, joint_attention_dim=T5_DIM,
                 pooled_projection_dim=CLIP_DIM, guidance_embeds=False)
     if tier == "quality":
@@ -90,7 +105,10 @@ def flux_transformer_config(tier: str = "quality") -> dict[str, Any]:
     if tier == "speed":
         return {**base, "num_layers": 4, "num_single_layers": 10, "attention_head_dim": 64,
                 "num_attention_heads": 6, "axes_dims_rope": (16, 24, 24)}
-    raise ValueError(f"unknown tier {tier!r}")
+    if tier == "full-width":
+        return {**base, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 128,
+                "num_attention_heads": 24, "axes_dims_rope": (16, 56, 56)}
+    raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
 
 
 def flow_scheduler():
@@ -126,32 +144,40 @@ def build_transformer(name: str, tier: str = "quality", seed: int = 0):
     raise ValueError(f"unknown testbed {name!r}; choose one of {', '.join(TESTBED_NAMES)}")
 
 
-def build_speed_pipeline(name: str, seed: int = 0):
-    """The compute-realistic preset: the testbed's architecture at speed-tier size, random weights.
+def build_speed_pipeline(name: str, seed: int = 0, tier: str = "speed"):
+    """The compute-realistic presets: the testbed's architecture at ``tier`` size, random weights.
 
-    PixArt: 14 blocks, hidden 384, 256 image tokens at 128x128 (its default size). Flux: 4 dual + 10 single blocks,
-    hidden 384, 256 image tokens at 128x128 plus 32 text tokens (:func:`speed_call_kwargs`). Wan: see
-    :func:`.wan.build_speed_pipeline` (17 160 video tokens).
+    ``speed``: PixArt 14 blocks, hidden 384, 256 image tokens at 128x128 (its default size); Flux 4 dual + 10
+    single blocks, hidden 384, 256 image tokens at 128x128 plus 32 text tokens (:func:`speed_call_kwargs`); Wan: see
+    :func:`.wan.build_speed_pipeline` (17 160 video tokens). ``full-width``: the published block width at a
+    truncated depth (:func:`pixart_transformer_config`, :func:`flux_transformer_config`; PixArt at 256x256 → 1024
+    tokens); image testbeds only.
     """
+    if tier not in TIERS[1:]:
+        raise ValueError(f"unknown random-weight tier {tier!r}; choose one of {', '.join(TIERS[1:])}")
     if name == "wan":
+        if tier != "speed":
+            raise ValueError(f"testbed:wan has no {tier!r} tier (its speed tier is already Wan 2.1's 480p token "
+                             "count); use tier='speed'")
         from .wan import build_speed_pipeline as build_wan_speed_pipeline
 
         return build_wan_speed_pipeline(seed)
-    transformer = build_transformer(name, "speed", seed).eval()
+    transformer = build_transformer(name, tier, seed).eval()
     vae = build_vae(seed, shift_factor=0.0).eval()  # FluxPipeline needs a shift factor; PixArt ignores it
-    contract = {**SAMPLER_CONTRACTS[name], **speed_call_kwargs(name)}
+    contract = {**SAMPLER_CONTRACTS[name], **speed_call_kwargs(name, tier)}
     assemble = assemble_pixart if name == "pixart" else assemble_flux
     return assemble(transformer, vae, seed, sampler_contract=contract)
 
 
-def speed_call_kwargs(name: str) -> dict[str, Any]:
-    """Call arguments that give the speed tier its intended token count."""
+def speed_call_kwargs(name: str, tier: str = "speed") -> dict[str, Any]:
+    """Call arguments that give a random-weight tier its intended token count."""
     if name == "wan":
         from .wan import speed_call_kwargs as wan_speed_call_kwargs
 
         return wan_speed_call_kwargs()
     if name == "pixart":
-        return {"height": 128, "width": 128, "use_resolution_binning": False, "clean_caption": False}
+        side = 256 if tier == "full-width" else 128  # the testbed VAE downsamples x4, patch 2: 1024 / 256 tokens
+        return {"height": side, "width": side, "use_resolution_binning": False, "clean_caption": False}
     # 256 image tokens + 32 text tokens: FLUX.1's 8:1 image:text token ratio at 1024x1024 (4096 + 512). With the
     # default 512 text tokens the text would dominate and hide what resolution-changing methods save.
     return {"height": 128, "width": 128, "max_sequence_length": 32}
@@ -167,7 +193,7 @@ def measure_forward_seconds(name: str, tier: str = "speed", batch: int = 2, repe
     from ...diffusers_internals import prepare_latent_image_ids
 
     transformer = build_transformer(name, tier, seed).eval()
-    side = LATENT_SIZE * (2 if tier == "speed" else 1)
+    side = LATENT_SIZE * {"quality": 1, "speed": 2, "full-width": 4}[tier]
     gen = torch.Generator().manual_seed(seed)
     if name == "pixart":
         cfg = transformer.config

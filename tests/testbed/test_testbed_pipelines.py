@@ -58,6 +58,37 @@ def test_speed_tier_is_the_same_architecture_and_runs(name):
     assert out.shape == (1, 128, 128, 3)
 
 
+def test_full_width_tier_has_the_published_block_width_and_token_count():
+    """PixArt-α's block (1152 = 16 x 72) on 1024 tokens, FLUX.1's (3072 = 24 x 128, RoPE axes summing to the head
+    dim): what the router-overhead run times to read wall against MACs at the real GEMM-to-elementwise ratio."""
+    from diffusion_accel.pipelines.testbed.models import flux_transformer_config
+
+    from diffusion_accel.loading import base_call_kwargs, load_pipeline
+
+    flux = flux_transformer_config("full-width")  # config only: 3 FLUX.1 blocks are 2.4 GB to build
+    assert flux["num_attention_heads"] * flux["attention_head_dim"] == 3072
+    assert sum(flux["axes_dims_rope"]) == flux["attention_head_dim"]
+    pipe = load_pipeline("testbed:pixart", tier="full-width")
+    block = pipe.transformer.transformer_blocks[0]
+    seen = []
+    block.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(tuple((args or (kwargs["hidden_states"],))[0]
+                                                                               .shape)), with_kwargs=True)
+    kwargs = {**base_call_kwargs("testbed:pixart", tier="full-width"), "num_inference_steps": 2}
+    out = pipe("a red circle", output_type="np", **kwargs).images
+    assert seen[0] == (2, 1024, 1152) and out.shape == (1, 256, 256, 3)  # CFG batch, tokens, width
+
+
+def test_unknown_or_missing_tier_is_refused_with_the_choices():
+    from diffusion_accel.pipelines.testbed.models import build_speed_pipeline
+
+    from diffusion_accel.loading import load_pipeline
+
+    with pytest.raises(ValueError, match="'quality', 'speed', 'full-width'"):
+        load_pipeline("testbed:pixart", tier="huge")
+    with pytest.raises(ValueError, match="tier='speed'"):
+        build_speed_pipeline("wan", tier="full-width")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", registry.TESTBED_NAMES)
 def test_shipped_pipeline_meets_the_adherence_bar(name):

@@ -198,3 +198,28 @@ def test_cache_weight_by_macs_follows_the_unit_shares():
     assert torch.equal(plain.unit_weights.cpu(), torch.ones(len(plain.units)))
     recipe.units.uninstall()
     plain.units.uninstall()
+
+
+def test_pixel_iepo_weighs_steps_by_the_decoded_images():
+    """--iepo_space pixel: λ_k = mean‖D(x0^{(≤k)}) − D(x0^{(≤k−1)})‖² over the VAE's images, normalised to mean 1
+    (not the latent weights); an unknown space is refused."""
+    recipe, router = _recipe(iepo_space="pixel", num_lambda_prompts=2)
+    scores = router().detach()
+    scores[1:] = torch.rand(scores[1:].shape, generator=torch.Generator().manual_seed(5))
+    recipe.refresh_weights(scores)
+    pixel = recipe.weights.values.clone()
+    rows, noise = recipe.probe
+    finals = recipe.samples_switching_on(noise, *recipe.conditioning(rows), scores)
+    with torch.no_grad():
+        images = [recipe.family.decode(f) for f in finals]
+    expected = torch.tensor([0.0] + [float((images[k] - images[k - 1]).pow(2).mean())
+                                     for k in range(1, recipe.steps)])
+    expected[1:] /= expected[1:].mean()
+    assert torch.allclose(pixel, expected, rtol=1e-4)
+    recipe.options.iepo_space = "latent"
+    recipe.refresh_weights(scores)
+    assert not torch.allclose(recipe.weights.values, pixel)
+    assert recipe.router_facts() == {"iepo": "latent"}
+    recipe.units.uninstall()
+    with pytest.raises(ValueError, match="'latent' or 'pixel'"):
+        _recipe(iepo_space="image")
