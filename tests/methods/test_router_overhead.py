@@ -118,3 +118,24 @@ def test_account_refuses_a_router_of_another_layout(pipe, tmp_path):
     router.save(tmp_path / "short")
     with pytest.raises(ValueError, match="units do not match"):
         account(pipe, tmp_path / "short", _call(), repeats=1)
+
+
+def test_stretched_router_gives_a_shallower_model_the_decisions_of_block_i_times_the_depth_ratio(tmp_path):
+    """The full-width tier (4 PixArt blocks) times the 6-block shipped router: block i takes block ⌊6i/4⌋'s row of θ,
+    branch by branch, at the router's τ (so the schedule is the quality router's, thinned)."""
+    from diffusion_accel.benchmarks.learned_cache import stretched_router
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.methods.harmonica import shipped_router
+
+    source_folder = shipped_router(load_pipeline("testbed:pixart"), "harmonica")
+    wide = load_pipeline("testbed:pixart", tier="full-width")
+    source = CacheRouter.load(source_folder)
+    stretched = CacheRouter.load(stretched_router(source_folder, wide, tmp_path / "router"))
+    assert len(stretched.units) == 4 * 3 and stretched.config["threshold"] == source.config["threshold"]
+    taken = {int(name.split(".")[1]) for name in stretched.units}
+    assert taken == {0, 1, 2, 3}
+    for u, name in enumerate(stretched.units):
+        list_name, index, branch = name.split(".")
+        mapped = source.units.index(f"{list_name}.{int(index) * 6 // 4}.{branch}")
+        assert torch.equal(stretched.logits[:, u], source.logits[:, mapped]), name
+    assert not torch.equal(stretched.logits[:, 3 * 3], source.logits[:, 3 * 3])  # block 3 ← block 4, not block 3
