@@ -91,6 +91,7 @@ class HarmoniCaOptions(RouterOptions):
     num_lambda_prompts: int = field(default=8, metadata={"help": "probe prompts the IEPO weights are measured on"})
     no_iepo: bool = field(default=False, metadata={"help": "λ ≡ 1 (SDT with L2C's per-step loss: the ablation)"})
     iepo_space: str = field(default="latent", metadata={
+        "choices": ("latent", "pixel"),
         "help": "where IEPO measures the final error: latent (the authors' code: the sampler's final latents) or "
                 "pixel (those latents decoded by the pipeline's VAE)"})
     full_compute_period: int = field(default=0, metadata={
@@ -104,8 +105,6 @@ class HarmoniCaOptions(RouterOptions):
         super().validate()
         if self.lambda_refresh_steps < 1:
             raise ValueError("--lambda_refresh_steps must be >= 1.")
-        if self.iepo_space not in ("latent", "pixel"):
-            raise ValueError(f"--iepo_space must be 'latent' or 'pixel', got {self.iepo_space!r}.")
         if self.full_compute_period < 0 or self.full_compute_period == 1:
             raise ValueError("--full_compute_period (K) must be 0 (free schedule) or >= 2 (K = 1 would pin every "
                              f"step: nothing to route), got {self.full_compute_period}.")

@@ -75,9 +75,9 @@ class TrainOptions:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("--checkpoints_total_limit must be >= 1 (or left out to keep every checkpoint).")
-        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _check_choice("report_to", self.report_to, TRACKERS)
-        _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        for f in fields(self):  # every field with choices: argparse checks flags, this checks config-file values too
+            if "choices" in f.metadata:
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,10 +61,6 @@ class ResShiftOptions(TrainOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}.")
-        if self.degradation not in ("bicubic", "realistic"):
-            raise ValueError(f"--degradation {self.degradation!r} is not one of bicubic, realistic.")
         if self.scale_factor < 1 or self.resolution % self.scale_factor:
             raise ValueError(f"--resolution {self.resolution} must be a multiple of --scale_factor "
                              f"{self.scale_factor} (>= 1).")

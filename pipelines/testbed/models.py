@@ -20,6 +20,7 @@ from .text import CLIP_DIM, T5_DIM, build_clip, build_t5
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16  # 64x64 images → 16x16x4 latents
+VAE_DOWNSAMPLE = 4  # image side / latent side
 TESTBED_NAMES: tuple[str, ...] = ("pixart", "flow")
 #: How each testbed is sampled: its sampler contract, saved with the pipeline (``model_index.json``) so that a call
 #: with only a prompt samples this way; every number reported for the testbed is measured with these settings.
@@ -51,6 +52,15 @@ def build_vae(seed: int = 0, **overrides: Any):
 TIERS: tuple[str, ...] = ("quality", "speed", "full-width")
 
 
+def latent_side(name: str, tier: str) -> int:
+    """Latent height = width a tier is sampled at (PixArt, patch 2: 64 / 256 / 1024 tokens). FLUX.1's full-width
+    block keeps the speed tier's 256 image tokens: on 1024 one 3072-wide step takes ~4.4 s on 2 cores."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    scale = {"quality": 1, "speed": 2, "full-width": 2 if name == "flow" else 4}[tier]
+    return scale * LATENT_SIZE
+
+
 def pixart_transformer_config(tier: str = "quality") -> dict[str, Any]:
     """``PixArtTransformer2DModel`` config; patch 2 on 16x16 latents = 64 tokens (speed: 32x32 → 256 tokens;
     full-width: PixArt-α's block (hidden 1152 = 16 heads x 72, cross-attention width 1152), 4 of its 28 blocks,
@@ -61,13 +71,13 @@ def pixart_transformer_config(tier: str = "quality") -> dict[str, Any]:
                 num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
                 norm_eps=1e-6, norm_num_groups=32, use_additional_conditions=False)
     if tier == "quality":
-        return {**base, "sample_size": LATENT_SIZE, "num_layers": 6, "num_attention_heads": 4,
+        return {**base, "sample_size": latent_side("pixart", tier), "num_layers": 6, "num_attention_heads": 4,
                 "attention_head_dim": 32, "cross_attention_dim": 128}
     if tier == "speed":
-        return {**base, "sample_size": 2 * LATENT_SIZE, "num_layers": 14, "num_attention_heads": 6,
+        return {**base, "sample_size": latent_side("pixart", tier), "num_layers": 14, "num_attention_heads": 6,
                 "attention_head_dim": 64, "cross_attention_dim": 384}
     if tier == "full-width":
-        return {**base, "sample_size": 4 * LATENT_SIZE, "num_layers": 4, "num_attention_heads": 16,
+        return {**base, "sample_size": latent_side("pixart", tier), "num_layers": 4, "num_attention_heads": 16,
                 "attention_head_dim": 72, "cross_attention_dim": 1152}
     raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
 
@@ -175,12 +185,12 @@ def speed_call_kwargs(name: str, tier: str = "speed") -> dict[str, Any]:
         from .wan import speed_call_kwargs as wan_speed_call_kwargs
 
         return wan_speed_call_kwargs()
+    side = VAE_DOWNSAMPLE * latent_side(name, tier)
     if name == "pixart":
-        side = 256 if tier == "full-width" else 128  # the testbed VAE downsamples x4, patch 2: 1024 / 256 tokens
         return {"height": side, "width": side, "use_resolution_binning": False, "clean_caption": False}
     # 256 image tokens + 32 text tokens: FLUX.1's 8:1 image:text token ratio at 1024x1024 (4096 + 512). With the
     # default 512 text tokens the text would dominate and hide what resolution-changing methods save.
-    return {"height": 128, "width": 128, "max_sequence_length": 32}
+    return {"height": side, "width": side, "max_sequence_length": 32}
 
 
 @torch.no_grad()
@@ -193,7 +203,7 @@ def measure_forward_seconds(name: str, tier: str = "speed", batch: int = 2, repe
     from ...diffusers_internals import prepare_latent_image_ids
 
     transformer = build_transformer(name, tier, seed).eval()
-    side = LATENT_SIZE * {"quality": 1, "speed": 2, "full-width": 4}[tier]
+    side = latent_side(name, tier)
     gen = torch.Generator().manual_seed(seed)
     if name == "pixart":
         cfg = transformer.config

@@ -221,5 +221,5 @@ def test_pixel_iepo_weighs_steps_by_the_decoded_images():
     assert not torch.allclose(recipe.weights.values, pixel)
     assert recipe.router_facts() == {"iepo": "latent"}
     recipe.units.uninstall()
-    with pytest.raises(ValueError, match="'latent' or 'pixel'"):
+    with pytest.raises(ValueError, match="iepo_space 'image' is not one of latent, pixel"):
         _recipe(iepo_space="image")
