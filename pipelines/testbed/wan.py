@@ -62,20 +62,29 @@ def build_umt5(seed: int = 0, d_model: int = UMT5_DIM, num_layers: int = 2):
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def vae_config() -> dict[str, Any]:
+def vae_config(spatial_compression: int = 8) -> dict[str, Any]:
     """A 4-level ``AutoencoderKLWan``: 9x64x64x3 ↔ 3x8x8x8 (``Z_DIM`` channels), the real 8x / 4x compression, at
     base width 8 (0.18 M parameters, 0.7 MB: the shipped assets must stay small).
-    ``latents_mean`` / ``latents_std`` start at 0 / 1; training replaces them with the measured statistics."""
-    return dict(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[False, True, True], latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM)
+    ``latents_mean`` / ``latents_std`` start at 0 / 1; training replaces them with the measured statistics.
+
+    ``spatial_compression=4``: one spatial downsampling fewer (3 levels, 9x64x64x3 ↔ 3x16x16x8, 192 transformer
+    tokens, 0.17 M parameters; ``scale_factor_spatial`` tells ``WanPipeline``). At 8x a 14-20 px shape covers 2x2
+    latents and every 8x VAE trained so far (GPU, CPU, decoder fine-tune, narrow posterior) draws it round; at 4x
+    corners start to appear within the same CPU budget (README, "The video testbed")."""
+    if spatial_compression not in (4, 8):
+        raise ValueError(f"spatial_compression must be 4 or 8, got {spatial_compression}")
+    levels = dict(dim_mult=[1, 1, 2, 2], temperal_downsample=[False, True, True]) if spatial_compression == 8 else \
+        dict(dim_mult=[1, 2, 2], temperal_downsample=[True, True], scale_factor_spatial=4)
+    return dict(base_dim=8, z_dim=Z_DIM, num_res_blocks=1, attn_scales=[], latents_mean=[0.0] * Z_DIM,
+                latents_std=[1.0] * Z_DIM, **levels)
 
 
-def build_vae(seed: int = 0):
+def build_vae(seed: int = 0, spatial_compression: int = 8):
     """A fresh ``AutoencoderKLWan`` with :func:`vae_config`."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return AutoencoderKLWan(**vae_config())
+    return AutoencoderKLWan(**vae_config(spatial_compression))
 
 
 # ------------------------------------------------------------------------------------------------ transformer

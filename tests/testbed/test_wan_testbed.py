@@ -96,3 +96,36 @@ def test_vae_loss_weights_the_object_pixels():
         x, y = np.round(clip.track[4]).astype(int)
         assert weights[i, 0, 4, y, x] == FOREGROUND_WEIGHT and weights[i, 0, 4, 0, 0] == 1.0
         assert 0.01 < (weights[i] > 1).float().mean() < 0.2
+
+
+def test_narrow_posterior_start_keeps_the_means_and_shrinks_the_noise():
+    """``logvar_init`` sets σ of a fresh VAE's posterior to exp(logvar_init / 2) on every latent, leaving its means
+    (the encoder and the mean half of ``quant_conv``) as they were; the default start has σ near 1."""
+    from diffusion_accel.pipelines.testbed.train_wan import clips_to_tensor, start_posterior_narrow
+    from diffusion_accel.pipelines.testbed.video_data import make_clips
+
+    x = clips_to_tensor(make_clips("wan-train", 0, 2)[0])
+    vae = wan.build_vae(seed=0)
+    with torch.no_grad():
+        default = vae.encode(x).latent_dist
+        start_posterior_narrow(vae, -10.0)
+        narrow = vae.encode(x).latent_dist
+    assert default.std.mean() > 0.5
+    assert torch.allclose(narrow.std, torch.full_like(narrow.std, float(np.exp(-5.0))))
+    assert torch.equal(narrow.mean, default.mean)
+
+
+def test_vae_at_4x_spatial_compression_drives_a_wan_pipeline_at_16x16_latents():
+    """The 4x variant is a plain ``AutoencoderKLWan`` config: ``WanPipeline`` reads its ``scale_factor_spatial``,
+    so a 64x64 call samples 3x16x16 latents (192 transformer tokens) and decodes them back to 9 frames of 64x64."""
+    with pytest.raises(ValueError, match="spatial_compression must be 4 or 8"):
+        wan.vae_config(2)
+    vae = wan.build_vae(seed=0, spatial_compression=4).eval()
+    assert wan.build_vae(seed=0).config.scale_factor_spatial == 8
+    pipe = wan.assemble(wan.build_transformer("quality").eval(), vae)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    latents = pipe("a red circle moving left", num_inference_steps=2, output_type="latent", generator=generator).frames
+    assert latents.shape == (1, wan.Z_DIM, 3, 16, 16)
+    frames = pipe("a red circle moving left", num_inference_steps=2, output_type="np", generator=generator).frames
+    assert np.asarray(frames).shape == (1, 9, 64, 64, 3)
