@@ -190,8 +190,13 @@ def test_pipeline_round_trip_runs_r_once_per_segment_and_branch(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.transformer).__name__ == "BlockwiseFlowTransformer"
     assert feature_residual_hook(loaded.transformer) is not None
+    saved, restored = pipe.transformer.state_dict(), loaded.transformer.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
     out = loaded(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert torch.equal(out, first)
+    # The weights round-trip bit for bit (above); the output may differ in the last float bits only, because the
+    # loaded tensors lie at other memory alignments and CPU GEMM kernels split their sums by alignment (measured with
+    # safetensors 0.8: max 9.5e-7; the same weights cloned into fresh allocations give the original bits).
+    assert torch.allclose(out, first, rtol=0.0, atol=1e-5)
     assert find_adapter(loaded).family == "bfm"  # not "flux": the methods hook R's blocks
 
 
