@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_accel.loading import base_call_kwargs, load_pipeline
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=False)  # never mix two runs' samples in one folder
+    if out.exists():  # never mix two runs' samples in one folder
+        parser.error(f"--out {out} exists; pass a new folder")
     _, samples = dataset("train", args.count, start=args.start)
     captions = [s.caption for s in samples]
     pipe = load_pipeline(args.teacher)
+    out.mkdir(parents=True)  # only once the teacher has loaded: a bad --teacher leaves no folder behind
     pipe.set_progress_bar_config(disable=True)
     kwargs = base_call_kwargs(args.teacher)
     started = time.monotonic()

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 
-VARIANTS = {"8x": {}, "8x-wide-decoder": {"decoder_base_dim": 16}, "4x": {}}
+#: Architecture of each fresh variant: (spatial compression, config keys replaced).
+VARIANTS = {"8x": (8, {}), "8x-wide-decoder": (8, {"decoder_base_dim": 16}), "4x": (4, {})}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=tuple(VARIANTS), default="4x")
+    parser.add_argument("--variant", choices=tuple(VARIANTS), default="4x", help="a fresh VAE (not with --init-from)")
     parser.add_argument("--init-from", default=None, help="continue a saved VAE (its own architecture) instead")
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--batch", type=int, default=8)
@@ -34,17 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    from diffusion_accel.pipelines.testbed import train_wan, wan
+    from diffusion_accel.pipelines.testbed import train_wan
 
-    compression = 4 if args.variant == "4x" else 8
-    extra = VARIANTS[args.variant]
-    if extra:  # architecture knobs the shipped config does not expose: build_vae reads vae_config at call time
-        base = wan.vae_config(compression)
-        wan.vae_config = lambda spatial_compression=8: {**base, **extra}
+    if args.init_from:  # a continued VAE keeps its own architecture and posterior
+        fresh = {}
+    else:
+        compression, overrides = VARIANTS[args.variant]
+        fresh = {"spatial_compression": compression, "vae_overrides": overrides, "logvar_init": args.logvar_init}
     metrics = train_wan.train_wan_vae(args.out, seed=args.seed, minutes=args.minutes, steps=10**6,
-                                      batch_size=args.batch, lr=args.lr, init_from=args.init_from,
-                                      logvar_init=None if args.init_from else args.logvar_init,
-                                      spatial_compression=compression)
+                                      batch_size=args.batch, lr=args.lr, init_from=args.init_from, **fresh)
     print(json.dumps({"variant": None if args.init_from else args.variant, **metrics}, indent=2, default=str))
     return 0
 

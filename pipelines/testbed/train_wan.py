@@ -155,7 +155,8 @@ def start_posterior_narrow(vae, logvar_init: float) -> None:
 def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None = None, steps: int = 3000,
                   batch_size: int = 4, lr: float = 1e-3, kl_weight: float = 1e-5, num_train: int = 200_000,
                   init_from: str | Path | None = None, decoder_only: bool = False,
-                  logvar_init: float | None = None, spatial_compression: int = 8) -> dict[str, Any]:
+                  logvar_init: float | None = None, spatial_compression: int = 8,
+                  vae_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the testbed ``AutoencoderKLWan`` on fresh clips (index drawn from ``num_train``), set its latent
     statistics and ``save_pretrained`` it to ``output_dir``. ``init_from``: a saved VAE folder to continue from;
     ``decoder_only``: keep its encoder and ``quant_conv`` frozen (encoded without gradients) and its
@@ -163,11 +164,16 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     valid; only the decoder side (``post_quant_conv``, ``decoder``) is optimised, on the posterior means: what the
     transformer was trained on and generates (the posterior's noise is as wide as the means' spread on several
     channels of the shipped VAE, and a decoder trained on samples of it draws every shape round).
-    ``logvar_init``: a fresh VAE's posterior starts narrow (:func:`start_posterior_narrow`); ``spatial_compression``:
-    a fresh VAE's 8x or 4x (:func:`.wan.vae_config`)."""
+    ``logvar_init``: a fresh VAE's posterior starts narrow (:func:`start_posterior_narrow`); ``spatial_compression``
+    and ``vae_overrides``: a fresh VAE's 8x or 4x and other config keys (:func:`.wan.build_vae`)."""
     from .video_data import make_clip
     from .wan import build_vae
 
+    fresh_only = {"logvar_init": logvar_init is not None, "spatial_compression": spatial_compression != 8,
+                  "vae_overrides": bool(vae_overrides)}
+    if init_from is not None and any(fresh_only.values()):
+        raise ValueError(f"{', '.join(k for k, v in fresh_only.items() if v)} shape a fresh VAE; a VAE continued from "
+                         f"{init_from} keeps its own architecture and posterior: drop them or drop init_from.")
     setup_torch(seed)
     accelerator = make_accelerator()
     if init_from is not None:
@@ -178,7 +184,7 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     elif decoder_only:
         raise ValueError("decoder_only needs init_from (a trained VAE whose encoder is kept)")
     else:
-        vae = build_vae(seed, spatial_compression)
+        vae = build_vae(seed, spatial_compression, **(vae_overrides or {}))
         if logvar_init is not None:
             start_posterior_narrow(vae, logvar_init)
     if decoder_only:

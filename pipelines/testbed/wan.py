@@ -79,12 +79,13 @@ def vae_config(spatial_compression: int = 8) -> dict[str, Any]:
                 latents_std=[1.0] * Z_DIM, **levels)
 
 
-def build_vae(seed: int = 0, spatial_compression: int = 8):
-    """A fresh ``AutoencoderKLWan`` with :func:`vae_config`."""
+def build_vae(seed: int = 0, spatial_compression: int = 8, **overrides: Any):
+    """A fresh ``AutoencoderKLWan`` with :func:`vae_config`, ``overrides`` replacing its keys (e.g.
+    ``decoder_base_dim``)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return AutoencoderKLWan(**vae_config(spatial_compression))
+    return AutoencoderKLWan(**{**vae_config(spatial_compression), **overrides})
 
 
 # ------------------------------------------------------------------------------------------------ transformer

@@ -129,3 +129,16 @@ def test_vae_at_4x_spatial_compression_drives_a_wan_pipeline_at_16x16_latents():
     assert latents.shape == (1, wan.Z_DIM, 3, 16, 16)
     frames = pipe("a red circle moving left", num_inference_steps=2, output_type="np", generator=generator).frames
     assert np.asarray(frames).shape == (1, 9, 64, 64, 3)
+
+
+def test_fresh_vae_settings_are_refused_with_init_from(tmp_path):
+    """``logvar_init``, ``spatial_compression`` and ``vae_overrides`` shape a fresh VAE; with ``init_from`` they
+    would be ignored, so they are refused before any work (nothing written). ``build_vae`` takes config overrides."""
+    from diffusion_accel.pipelines.testbed.train_wan import train_wan_vae
+
+    assert wan.build_vae(seed=0, decoder_base_dim=16).config.decoder_base_dim == 16
+    out = tmp_path / "out"
+    for fresh in ({"logvar_init": -10.0}, {"spatial_compression": 4}, {"vae_overrides": {"decoder_base_dim": 16}}):
+        with pytest.raises(ValueError, match=f"{next(iter(fresh))} shape a fresh VAE.*drop them or drop init_from"):
+            train_wan_vae(out, init_from=tmp_path, **fresh)
+    assert not out.exists()
