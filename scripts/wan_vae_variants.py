@@ -9,6 +9,7 @@ the video judge's adherence on 64 validation clips (``train_wan.vae_reconstructi
     python scripts/wan_vae_variants.py --variant 8x-wide-decoder --out runs/wan-vae-8x-wide  # decoder width 16
     python scripts/wan_vae_variants.py --variant 4x --out runs/wan-vae-4x                    # 3x16x16 latents
     python scripts/wan_vae_variants.py --init-from runs/wan-vae-4x --minutes 48 --seed 1 --out runs/wan-vae-4x-b
+    python scripts/wan_vae_variants.py --init-from runs/wan4x-vae --decoder-only --minutes 90 --out runs/wan4x-decoder
 
 Every variant starts its posterior narrow (``--logvar-init``, default -10: σ = 0.0067; see
 ``train_wan.start_posterior_narrow``). Threads: ``OMP_NUM_THREADS`` (the README's runs used 1, two runs side by side).
@@ -31,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--logvar-init", type=float, default=-10.0)
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="with --init-from: its encoder side and latent statistics frozen (train_wan_vae)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     from diffusion_accel.pipelines.testbed import train_wan
 
+    if args.decoder_only and not args.init_from:
+        parser.error("--decoder-only continues a trained VAE: pass --init-from <its folder>")
     if args.init_from:  # a continued VAE keeps its own architecture and posterior
-        fresh = {}
+        fresh = {"decoder_only": args.decoder_only}
     else:
         compression, overrides = VARIANTS[args.variant]
         fresh = {"spatial_compression": compression, "vae_overrides": overrides, "logvar_init": args.logvar_init}

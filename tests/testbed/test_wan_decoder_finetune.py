@@ -73,3 +73,74 @@ def test_bad_init_from_is_refused_before_any_work(tmp_path, capsys):
     assert main(["testbed", "train", "wan", "--init-from", str(tmp_path), "--output", str(out)]) != 0
     assert "--init-from applies to vae, pixart, flow, wan-decoder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_install_decoder_takes_only_a_decoder_fine_tune(trained_with, tmp_path):
+    """A VAE whose encoder side and latent statistics are the pipeline's replaces its ``vae/``; one with another
+    encoder (a VAE trained afresh) is refused with the command that makes the right one, the pipeline untouched."""
+    from diffusers import AutoencoderKLWan
+    from diffusion_accel.pipelines.testbed.train_wan import install_decoder
+    from diffusion_accel.pipelines.testbed.wan import build_vae
+
+    pipeline = tmp_path / "pipeline"
+    AutoencoderKLWan.from_pretrained(str(trained_with)).save_pretrained(pipeline / "vae")
+    original = (pipeline / "vae" / WEIGHTS).read_bytes()
+    other = tmp_path / "other"
+    build_vae(seed=1).save_pretrained(other)
+    with pytest.raises(ValueError, match="not a decoder fine-tune.*testbed train wan-decoder --init-from"):
+        install_decoder(other, pipeline)
+    assert (pipeline / "vae" / WEIGHTS).read_bytes() == original
+
+    fine_tuned = AutoencoderKLWan.from_pretrained(str(trained_with))
+    with torch.no_grad():
+        fine_tuned.post_quant_conv.bias.add_(1.0)
+    fine_tuned.save_pretrained(tmp_path / "fine_tuned")
+    install_decoder(tmp_path / "fine_tuned", pipeline)
+    assert (pipeline / "vae" / WEIGHTS).read_bytes() == (tmp_path / "fine_tuned" / WEIGHTS).read_bytes()
+
+
+def test_cpu_4x_recipe_chains_vae_transformer_and_decoder(tmp_path, monkeypatch):
+    """``cpu-4x``: the fresh 4x VAE, the transformer on its latents, then the decoder-only continuation from that
+    VAE, installed in the pipeline; ``minutes`` is split as the recipe's own budgets are (45 : 90 : 90)."""
+    from diffusion_accel.pipelines.testbed import train_wan
+
+    calls = []
+
+    def fake_vae(out, seed=0, **stage):
+        calls.append(("vae", str(out), stage))
+        return {"psnr": 1.0}
+
+    def fake_transformer(out, vae_path, seed=0, **stage):
+        calls.append(("transformer", str(vae_path), stage))
+        return {"steps": 1}
+
+    monkeypatch.setattr(train_wan, "train_wan_vae", fake_vae)
+    monkeypatch.setattr(train_wan, "train_wan_transformer", fake_transformer)
+    monkeypatch.setattr(train_wan, "install_decoder", lambda vae_dir, pipe_dir: calls.append(("install", str(vae_dir))))
+    monkeypatch.setattr(train_wan, "report_metrics", lambda name, out, metrics, *a: metrics)
+    out = tmp_path / "wan4x"
+    metrics = train_wan.train_wan_recipe(out, recipe="cpu-4x", minutes=45.0, side_by_side=False)
+    assert [c[0] for c in calls] == ["vae", "transformer", "vae", "install"]
+    fresh, transformer, decoder = calls[0][2], calls[1][2], calls[2][2]
+    assert fresh["spatial_compression"] == 4 and fresh["logvar_init"] < -5 and "init_from" not in fresh
+    assert calls[1][1] == str(tmp_path / "wan4x-vae")
+    assert decoder["decoder_only"] and decoder["init_from"] == tmp_path / "wan4x-vae"
+    assert calls[3][1] == str(tmp_path / "wan4x-decoder")
+    assert [fresh["minutes"], transformer["minutes"], decoder["minutes"]] == [9.0, 18.0, 18.0]
+    assert metrics["vae_psnr"] == 1.0 and metrics["decoder_psnr"] == 1.0 and metrics["recipe"] == "cpu-4x"
+
+
+def _threads_and_pid(tag):
+    import os
+
+    return tag, os.environ["DA_THREADS"], os.getpid()
+
+
+def test_side_by_side_stages_run_in_their_own_single_thread_processes():
+    import os
+
+    from diffusion_accel.pipelines.testbed.train_wan import run_side_by_side
+
+    results = run_side_by_side([(_threads_and_pid, ("a",), {}), (_threads_and_pid, ("b",), {})])
+    assert [r[:2] for r in results] == [("a", "1"), ("b", "1")]
+    assert len({r[2] for r in results} | {os.getpid()}) == 3

@@ -115,18 +115,27 @@ def test_narrow_posterior_start_keeps_the_means_and_shrinks_the_noise():
     assert torch.equal(narrow.mean, default.mean)
 
 
-def test_vae_at_4x_spatial_compression_drives_a_wan_pipeline_at_16x16_latents():
+@pytest.mark.parametrize("compression", [4, 8])
+def test_vae_at_4x_or_8x_drives_a_wan_pipeline_at_48_tokens(compression):
     """The 4x variant is a plain ``AutoencoderKLWan`` config: ``WanPipeline`` reads its ``scale_factor_spatial``,
-    so a 64x64 call samples 3x16x16 latents (192 transformer tokens) and decodes them back to 9 frames of 64x64."""
+    so a 64x64 call samples 3x16x16 latents and decodes them back to 9 frames of 64x64; the transformer built for
+    it patches them 4x4, so it sees the 48 tokens it sees on the 8x VAE's 3x8x8 latents."""
     with pytest.raises(ValueError, match="spatial_compression must be 4 or 8"):
         wan.vae_config(2)
-    vae = wan.build_vae(seed=0, spatial_compression=4).eval()
-    assert wan.build_vae(seed=0).config.scale_factor_spatial == 8
-    pipe = wan.assemble(wan.build_transformer("quality").eval(), vae)
+    with pytest.raises(ValueError, match="spatial_compression must be 4 or 8"):
+        wan.patch_size(2)
+    vae = wan.build_vae(seed=0, spatial_compression=compression).eval()
+    assert vae.config.scale_factor_spatial == compression
+    transformer = wan.build_transformer("quality", spatial_compression=compression).eval()
+    tokens = []
+    transformer.blocks[0].register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[1]))
+    pipe = wan.assemble(transformer, vae)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     latents = pipe("a red circle moving left", num_inference_steps=2, output_type="latent", generator=generator).frames
-    assert latents.shape == (1, wan.Z_DIM, 3, 16, 16)
+    side = 64 // compression
+    assert latents.shape == (1, wan.Z_DIM, 3, side, side)
+    assert set(tokens) == {48}
     frames = pipe("a red circle moving left", num_inference_steps=2, output_type="np", generator=generator).frames
     assert np.asarray(frames).shape == (1, 9, 64, 64, 3)
 
