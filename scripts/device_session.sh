@@ -4,14 +4,16 @@
 #      dense SDPA (FlashAttention / cuDNN / efficient) at Wan's video token counts (diffusion_accel.kernels.bench_cuda);
 #   2. the two testbed pipelines trained on the GPU with the same command as on CPU (accelerate picks the device),
 #      both at once (tiny models leave the GPU mostly idle); NAMES="wan" (or "pixart flow wan") trains the video
-#      testbed with its GPU recipe instead (train_wan.WAN_RECIPES["shipped"]; comes back as wan.tgz).
+#      testbed with its GPU recipe instead (train_wan.WAN_RECIPES[$WAN_RECIPE], default "shipped"; "shipped-4x" is
+#      the 4x-VAE chain; comes back as wan.tgz).
 #   3. NAMES="bfm": every row of the Blockwise Flow Matching equal-budget table at once, sized to end BFM_END_S
 #      seconds after this script started (scripts/bfm_device_lane.sh); comes back as <row>.safetensors and bfm.tgz,
 #      which `python scripts/bfm_unpack.py` turns back into run folders for the benchmark;
 #   4. NAMES="resume": the trainer stack's kill-and-resume test on CUDA in fp16 (grad scaler, CUDA generators).
 # Env: TRAIN_MIN, LR, BATCH, NUM_TRAIN, KERNEL_S (0 skips the kernels), INIT_PREFIX (continue from <INIT_PREFIX><name>,
 # e.g. assets/testbed-), FLOW_LOW_RES (flow: share of steps at half resolution), NAMES (default "pixart flow"),
-# WAN_MIN (wan: minutes for the whole command, split 3:5 VAE:transformer; default the recipe's), WAN_TIMEOUT (1200 s),
+# WAN_MIN (wan: minutes for the whole command, split as the recipe's budgets; default the recipe's), WAN_TIMEOUT (1200 s),
+# WAN_RECIPE (shipped),
 # BFM_* (see the lane).
 # Results land flat in $OUT (at most 8 files come back). Needs .whl/ with diffusers and importlib_metadata wheels.
 set -u
@@ -43,11 +45,12 @@ for name in ${NAMES:-pixart flow}; do
   fi
   if [ "$name" = wan ]; then  # the video testbed: its own VAE, then the pipeline (recipe "shipped", ~10 min)
     (
-      timeout "${WAN_TIMEOUT:-1200}" python3 -m diffusion_accel.pipelines.testbed.train wan /tmp/tb-wan --recipe shipped \
+      timeout "${WAN_TIMEOUT:-1200}" python3 -m diffusion_accel.pipelines.testbed.train wan /tmp/tb-wan \
+        --recipe "${WAN_RECIPE:-shipped}" \
         ${WAN_MIN:+--minutes "$WAN_MIN"} >"$OUT/train_wan.log" 2>&1
       echo "train exit $?" >>"$OUT/train_wan.log"
       # one file back: the whole pipeline folder and the VAE's run folder (replace assets/testbed-wan with tb-wan)
-      tar -C /tmp -czf "$OUT/wan.tgz" tb-wan tb-wan-vae
+      tar -C /tmp -czf "$OUT/wan.tgz" tb-wan tb-wan-vae $( [ -d /tmp/tb-wan-decoder ] && echo tb-wan-decoder )
     ) &
     continue
   fi

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .train import TRAIN_NAMES
+from .train import RECIPE_CHOICES, TRAIN_NAMES
 
 #: The models whose training can continue from a saved one (``--init-from``).
 INIT_FROM_NAMES = ("vae", "pixart", "flow", "wan-decoder")
@@ -99,10 +99,11 @@ def add_testbed_parser(subparsers: Any) -> None:
     tr.add_argument("--init-from", "--init_from", dest="init_from", default=None,
                     help="wan-decoder: the VAE whose decoder is fine-tuned (default: the shipped testbed-wan's); "
                          "vae, pixart, flow: the saved model one stage continues")
-    tr.add_argument("--recipe", default=None, choices=("shipped", "cpu", "cpu-4x"),
+    tr.add_argument("--recipe", default=None, choices=RECIPE_CHOICES,
                     help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "
-                         "wan ~45 min, on 2 cores; default without a GPU); wan also 'cpu-4x' (the 4x VAE, its "
-                         "transformer and a decoder continuation side by side, 2.25 h on 2 cores)")
+                         "wan ~45 min, on 2 cores; default without a GPU); wan also 'shipped-4x' / 'cpu-4x' (the 4x "
+                         "VAE, then its transformer and a decoder continuation side by side; cpu-4x: 2.25 h on 2 "
+                         "cores)")
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="prompt adherence and FID-shapes on the 64 held-out prompts (wan: per "
                                      "attribute, with VBench-style dims and the real clips beside)")

@@ -16,6 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: ``--recipe`` values of both CLIs (this module's and ``diffusion-accel testbed train``): the names of
+#: :data:`PIPELINE_RECIPES` and of ``train_wan.WAN_RECIPES`` (kept here so parsing a command imports no torch; a
+#: test checks they match).
+RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "shipped-4x", "cpu-4x")
+
 TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
                                  "wan-decoder")
 
@@ -198,9 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--low-res-share", type=float, default=None,
                         help="flow: fraction of steps trained at half resolution (multi-resolution training)")
-    parser.add_argument("--recipe", choices=sorted(PIPELINE_RECIPES), default=None,
+    parser.add_argument("--recipe", choices=RECIPE_CHOICES, default=None,
                         help="pixart/flow: named stages (default: 'shipped' on a GPU, 'cpu' otherwise; none when "
-                             "--steps/--lr/--batch-size/--init-from are given, which cannot be combined with it)")
+                             "--steps/--lr/--batch-size/--init-from are given, which cannot be combined with it); "
+                             "wan: also 'shipped-4x' and 'cpu-4x' (train_wan.WAN_RECIPES)")
     parser.add_argument("--eval-prompts", type=int, default=None,
                         help="held-out prompts to evaluate after training (pixart/flow; 0 skips the evaluation)")
     args = parser.parse_args(argv)

@@ -144,3 +144,10 @@ def test_side_by_side_stages_run_in_their_own_single_thread_processes():
     results = run_side_by_side([(_threads_and_pid, ("a",), {}), (_threads_and_pid, ("b",), {})])
     assert [r[:2] for r in results] == [("a", "1"), ("b", "1")]
     assert len({r[2] for r in results} | {os.getpid()}) == 3
+
+
+def test_both_clis_offer_every_recipe():
+    from diffusion_accel.pipelines.testbed.train import PIPELINE_RECIPES, RECIPE_CHOICES
+    from diffusion_accel.pipelines.testbed.train_wan import WAN_RECIPES
+
+    assert set(RECIPE_CHOICES) == set(PIPELINE_RECIPES) | set(WAN_RECIPES)
