@@ -65,7 +65,7 @@ WAN_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                "decoder": {"steps": 10**6, "batch_size": 8, "lr": 1e-3, "minutes": 90.0, "decoder_only": True}},
 }
 #: ``cpu-4x``: the 4x VAE (:func:`.wan.vae_config`) trained with its encoder and a narrow posterior, then, on its
-#: frozen encoder's latents, the transformer (patched 4x4: 48 tokens, :func:`.wan.patch_size`) and a decoder-only
+#: frozen encoder's latents, the transformer (192 tokens, :func:`.wan.transformer_config`) and a decoder-only
 #: continuation, which do not depend on each other, so :func:`train_wan_recipe` trains them side by side, one process
 #: and one thread each: 45 + 90 minutes of wall clock on 2 cores. ``shipped-4x``: the same chain at GPU batch sizes,
 #: ~10 min on one GPU (the two side-by-side stages share it); untested: no GPU has been lent since it was written.
@@ -332,7 +332,7 @@ def train_wan_transformer(output_dir: str | Path, vae_path: str | Path, seed: in
     log(f"wan: encoded {num_train} clips in {(time.monotonic() - started) / 60:.1f} min")
     captions = ["", *sorted(set(clip_captions))]
     caption_idx = np.array([captions.index(c) for c in clip_captions], np.int64)
-    transformer = build_transformer("quality", seed, spatial_compression=vae.config.scale_factor_spatial)
+    transformer = build_transformer("quality", seed)
     if init_from is not None:
         from safetensors.torch import load_file
 

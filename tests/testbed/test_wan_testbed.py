@@ -116,17 +116,15 @@ def test_narrow_posterior_start_keeps_the_means_and_shrinks_the_noise():
 
 
 @pytest.mark.parametrize("compression", [4, 8])
-def test_vae_at_4x_or_8x_drives_a_wan_pipeline_at_48_tokens(compression):
+def test_vae_at_4x_or_8x_drives_a_wan_pipeline(compression):
     """The 4x variant is a plain ``AutoencoderKLWan`` config: ``WanPipeline`` reads its ``scale_factor_spatial``,
-    so a 64x64 call samples 3x16x16 latents and decodes them back to 9 frames of 64x64; the transformer built for
-    it patches them 4x4, so it sees the 48 tokens it sees on the 8x VAE's 3x8x8 latents."""
+    so a 64x64 call samples 3x16x16 latents (192 tokens through the (1, 2, 2) patch; 48 at 8x) and decodes them
+    back to 9 frames of 64x64."""
     with pytest.raises(ValueError, match="spatial_compression must be 4 or 8"):
         wan.vae_config(2)
-    with pytest.raises(ValueError, match="spatial_compression must be 4 or 8"):
-        wan.patch_size(2)
     vae = wan.build_vae(seed=0, spatial_compression=compression).eval()
     assert vae.config.scale_factor_spatial == compression
-    transformer = wan.build_transformer("quality", spatial_compression=compression).eval()
+    transformer = wan.build_transformer("quality").eval()
     tokens = []
     transformer.blocks[0].register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[1]))
     pipe = wan.assemble(transformer, vae)
@@ -135,7 +133,7 @@ def test_vae_at_4x_or_8x_drives_a_wan_pipeline_at_48_tokens(compression):
     latents = pipe("a red circle moving left", num_inference_steps=2, output_type="latent", generator=generator).frames
     side = 64 // compression
     assert latents.shape == (1, wan.Z_DIM, 3, side, side)
-    assert set(tokens) == {48}
+    assert set(tokens) == {3 * (side // 2) ** 2}
     frames = pipe("a red circle moving left", num_inference_steps=2, output_type="np", generator=generator).frames
     assert np.asarray(frames).shape == (1, 9, 64, 64, 3)
 
