@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.decoder_only and not args.init_from:
+        parser.error("--decoder-only continues a trained VAE: pass --init-from <its folder>")
 
     from diffusion_accel.pipelines.testbed import train_wan
 
-    if args.decoder_only and not args.init_from:
-        parser.error("--decoder-only continues a trained VAE: pass --init-from <its folder>")
     if args.init_from:  # a continued VAE keeps its own architecture and posterior
         fresh = {"decoder_only": args.decoder_only}
     else:

@@ -89,9 +89,11 @@ def store_fp16(component: Path) -> dict[str, float]:
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 
 
-def check_same_encoder(vae: Path, trained_with: Path) -> None:
+def check_same_encoder(vae: Path, trained_with: Path,
+                       fix: str = "Fine-tune the decoder only (train 'resshift-vae').") -> None:
     """Raise ``ValueError`` unless VAE folder ``vae`` has the encoder, ``quant_conv`` and config (``_name_or_path``
-    aside) of ``trained_with``: the latent space the restoration network was trained in."""
+    aside) of ``trained_with``: the latent space the restoration network was trained in. ``fix``: the remedy the
+    error names."""
     from safetensors.torch import load_file
 
     for folder in (vae, trained_with):
@@ -101,13 +103,12 @@ def check_same_encoder(vae: Path, trained_with: Path) -> None:
     if ours != theirs:
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise ValueError(f"{vae} has another VAE config than {trained_with} ({', '.join(changed)}): its latents are "
-                         "not the ones the network was trained on. Fine-tune the decoder only (train "
-                         "'resshift-vae').")
+                         f"not the ones the network was trained on. {fix}")
     a, b = load_file(str(vae / WEIGHTS_FILE)), load_file(str(trained_with / WEIGHTS_FILE))
     for key in sorted(k for k in b if k.startswith(ENCODER_PREFIXES)):
         if key not in a or a[key].dtype != b[key].dtype or not bool((a[key] == b[key]).all()):
             raise ValueError(f"{vae}'s encoder differs from {trained_with}'s at {key}: its latent space is not the "
-                             "one the network was trained in. Fine-tune the decoder only (train 'resshift-vae').")
+                             f"one the network was trained in. {fix}")
 
 
 def ship_student(run_dir: str | Path, name: str, teacher: str | None = None, vae: str | Path | None = None) -> Path:

@@ -19,7 +19,6 @@ on either (``shipped-4x``, ``cpu-4x``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -393,10 +392,10 @@ def train_wan_recipe(output_dir: str | Path, recipe: str = "cpu", seed: int = 0,
     if vae_path is None:
         vae_path = output_dir.with_name(f"{output_dir.name}-vae")
         vae_metrics = train_wan_vae(vae_path, seed=seed, **stages["vae"])
-    transformer_job = (train_wan_transformer, (output_dir, vae_path), {"seed": seed, **stages["transformer"]})
     if "decoder" not in stages:
-        metrics = run_side_by_side([transformer_job], side_by_side=False)[0]
+        metrics = train_wan_transformer(output_dir, vae_path, seed=seed, **stages["transformer"])
     else:
+        transformer_job = (train_wan_transformer, (output_dir, vae_path), {"seed": seed, **stages["transformer"]})
         decoder_dir = output_dir.with_name(f"{output_dir.name}-decoder")
         decoder_job = (train_wan_vae, (decoder_dir,), {"seed": seed, "init_from": vae_path, **stages["decoder"]})
         metrics, decoder_metrics = run_side_by_side([transformer_job, decoder_job], side_by_side=side_by_side)
@@ -428,21 +427,17 @@ def run_side_by_side(jobs: list[tuple[Any, tuple, dict[str, Any]]], side_by_side
 
 def install_decoder(vae_dir: str | Path, pipeline_dir: str | Path) -> None:
     """Put the VAE saved in ``vae_dir`` in the pipeline at ``pipeline_dir`` (its ``vae/``), after checking that its
-    encoder side (``encoder``, ``quant_conv``) and latent statistics are the pipeline's, bit for bit: only then is
-    every network trained in the pipeline's latent space still valid with it."""
+    encoder side (``encoder``, ``quant_conv``) and config, latent statistics included, are the pipeline's
+    (:func:`.students.check_same_encoder`): only then is every network trained in the pipeline's latent space still
+    valid with it."""
     import shutil
 
-    from safetensors.torch import load_file
+    from .students import WEIGHTS_FILE, check_same_encoder
 
-    weights = "diffusion_pytorch_model.safetensors"
     new, old = Path(vae_dir), Path(pipeline_dir) / "vae"
-    new_state, old_state = load_file(str(new / weights)), load_file(str(old / weights))
-    changed = [k for k in old_state if k.startswith(("encoder.", "quant_conv."))
-               and not torch.equal(old_state[k], new_state.get(k, torch.empty(0)))]
-    stats = [json.loads((d / "config.json").read_text()) for d in (new, old)]
-    if changed or any(stats[0].get(k) != stats[1].get(k) for k in ("latents_mean", "latents_std")):
-        raise ValueError(f"{new} is not a decoder fine-tune of {old}: its encoder side or latent statistics differ "
-                         f"({', '.join(changed[:3]) or 'latents_mean/latents_std'}); train it with "
-                         f"`testbed train wan-decoder --init-from {old}`.")
-    for name in (weights, "config.json"):
+    try:
+        check_same_encoder(new, old, fix=f"Train it with `testbed train wan-decoder --init-from {old}`.")
+    except ValueError as err:
+        raise ValueError(f"{new} is not a decoder fine-tune of {old}: {err}") from None
+    for name in (WEIGHTS_FILE, "config.json"):
         shutil.copyfile(new / name, old / name)
