@@ -376,17 +376,14 @@ def train_wan_recipe(output_dir: str | Path, recipe: str = "cpu", seed: int = 0,
     """The whole testbed: the VAE into ``<output_dir>-vae`` (unless ``vae_path`` is given), then the pipeline into
     ``output_dir``; where the recipe has a ``decoder`` stage, that VAE's decoder is fine-tuned (encoder frozen) into
     ``<output_dir>-decoder`` while the transformer trains (:func:`run_side_by_side`, unless ``side_by_side`` is
-    off), then put in the pipeline's ``vae/``. ``minutes`` (optional) replaces the recipe's budgets, split in the
-    proportions of the recipe's own (a VAE given by ``vae_path`` takes no share; two stages side by side each get
-    their own)."""
+    off), then put in the pipeline's ``vae/``. ``minutes`` (optional): the wall clock of the stages run here
+    (:func:`scale_to_wall_clock`; a VAE given by ``vae_path`` takes no share)."""
     if recipe not in WAN_RECIPES:
         raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(WAN_RECIPES)}.")
     stages = {name: dict(stage) for name, stage in WAN_RECIPES[recipe].items()
               if not (name == "vae" and vae_path is not None)}
     if minutes is not None:
-        total = sum(stage["minutes"] for stage in stages.values())
-        for stage in stages.values():
-            stage["minutes"] = minutes * stage["minutes"] / total
+        scale_to_wall_clock(stages, minutes, side_by_side)
     output_dir = Path(output_dir)
     vae_metrics: dict[str, Any] = {}
     if vae_path is None:
@@ -403,6 +400,17 @@ def train_wan_recipe(output_dir: str | Path, recipe: str = "cpu", seed: int = 0,
         metrics = {**metrics, **{f"decoder_{k}": v for k, v in decoder_metrics.items()}}
     metrics = {**metrics, "recipe": recipe, **{f"vae_{k}": v for k, v in vae_metrics.items()}}
     return report_metrics("wan", output_dir, metrics, "train_metrics.json")
+
+
+def scale_to_wall_clock(stages: dict[str, dict[str, Any]], minutes: float, side_by_side: bool) -> None:
+    """Scale every stage's ``minutes`` by one factor so that the stages, run as :func:`train_wan_recipe` runs them
+    (the VAE first, then the transformer and the ``decoder`` stage side by side or in turn), take ``minutes`` of
+    wall clock: the recipe's proportions are kept."""
+    after_vae = [stages[name]["minutes"] for name in ("transformer", "decoder") if name in stages]
+    wall = stages["vae"]["minutes"] if "vae" in stages else 0.0
+    wall += max(after_vae) if side_by_side else sum(after_vae)
+    for stage in stages.values():
+        stage["minutes"] = minutes * stage["minutes"] / wall
 
 
 def _one_thread(fn, args, kwargs):

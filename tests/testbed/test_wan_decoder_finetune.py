@@ -130,6 +130,23 @@ def test_cpu_4x_recipe_chains_vae_transformer_and_decoder(tmp_path, monkeypatch)
     assert metrics["vae_psnr"] == 1.0 and metrics["decoder_psnr"] == 1.0 and metrics["recipe"] == "cpu-4x"
 
 
+def test_minutes_are_the_wall_clock_of_the_chain():
+    """``--minutes`` caps the command's wall clock: the side-by-side stages share it, the ones run in turn add up;
+    a VAE given by ``vae_path`` (no ``vae`` stage) takes no share."""
+    from diffusion_accel.pipelines.testbed.train_wan import WAN_RECIPES, scale_to_wall_clock
+
+    for side_by_side, expected in ((True, [45.0, 90.0, 90.0]), (False, [27.0, 54.0, 54.0])):
+        stages = {name: dict(stage) for name, stage in WAN_RECIPES["cpu-4x"].items()}
+        scale_to_wall_clock(stages, 135.0, side_by_side)
+        assert [stages[n]["minutes"] for n in ("vae", "transformer", "decoder")] == pytest.approx(expected)
+    stages = {name: dict(stage) for name, stage in WAN_RECIPES["cpu-4x"].items() if name != "vae"}
+    scale_to_wall_clock(stages, 60.0, True)
+    assert [stages[n]["minutes"] for n in ("transformer", "decoder")] == pytest.approx([60.0, 60.0])
+    stages = {name: dict(stage) for name, stage in WAN_RECIPES["cpu"].items()}
+    scale_to_wall_clock(stages, 28.0, True)
+    assert [stages[n]["minutes"] for n in ("vae", "transformer")] == pytest.approx([12.0, 16.0])
+
+
 def _threads_and_pid(tag):
     import os
 
