@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "torch" in sys.modules:  # only a command that imported torch can have started a process group
+            from .distributed import end_process_group
+
+            end_process_group()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,18 @@ def partial_state() -> Any:
     return PartialState(cpu=cpu)
 
 
+def end_process_group() -> None:
+    """Destroy the default process group if this process started one (the end of a CLI command under ``accelerate
+    launch`` / ``torchrun``). Left to interpreter shutdown, gloo's worker threads can be torn down while still
+    joinable: the process then aborts with "terminate called without an active exception" after its work is done,
+    and the launcher kills the other ranks (seen on a non-main bench process, which exits while the main one is
+    still timing)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shard_bounds(count: int, num_processes: int, process_index: int) -> tuple[int, int]:
     """``[start, end)`` of process ``process_index``'s contiguous share of ``count`` items (the split of
     accelerate's ``split_between_processes``: the first ``count % num_processes`` processes get one more)."""

@@ -101,3 +101,16 @@ def test_every_sub_command_is_registered():
     text = build_parser().format_help()
     for command in ("generate", "list-methods", "info", "bench", "calibrate", "testbed", "eval"):
         assert command in text
+
+
+def test_a_command_ends_the_process_group_it_ran_under(tmp_path, capsys):
+    """Under a launcher the CLI destroys the default process group when its command ends, error or not: left to
+    interpreter shutdown, gloo's threads can abort a finished process (``terminate called without an active
+    exception``) and the launcher then kills its peers."""
+    import torch.distributed as dist
+
+    for argv, code in ((["list-methods"], 0), (["generate", "--pipeline", "tiny:sd", "--method", "no_such_method",
+                                                "--out", str(tmp_path / "x.png")], 2)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / argv[0]}", rank=0, world_size=1)
+        assert main(argv) == code
+        assert not dist.is_initialized(), argv
