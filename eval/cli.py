@@ -91,4 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusion_accel.eval", description=runner.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(parser)
-    return run_from_args(parser.parse_args(argv))
+    try:
+        return run_from_args(parser.parse_args(argv))
+    finally:  # see end_process_group: a sharded run's ranks must not leave gloo to interpreter shutdown
+        from diffusion_accel.distributed import end_process_group
+
+        end_process_group()

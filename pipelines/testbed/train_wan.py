@@ -331,7 +331,7 @@ def train_wan_transformer(output_dir: str | Path, vae_path: str | Path, seed: in
     log(f"wan: encoded {num_train} clips in {(time.monotonic() - started) / 60:.1f} min")
     captions = ["", *sorted(set(clip_captions))]
     caption_idx = np.array([captions.index(c) for c in clip_captions], np.int64)
-    transformer = build_transformer("quality", seed)
+    transformer = build_transformer("quality", seed, latent_channels=vae.config.z_dim)
     if init_from is not None:
         from safetensors.torch import load_file
 

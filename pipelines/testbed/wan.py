@@ -91,7 +91,7 @@ def build_vae(seed: int = 0, spatial_compression: int = 8, **overrides: Any):
 
 
 # ------------------------------------------------------------------------------------------------ transformer
-def transformer_config(tier: str = "quality") -> dict[str, Any]:
+def transformer_config(tier: str = "quality", latent_channels: int = Z_DIM) -> dict[str, Any]:
     """``WanTransformer3DModel`` config. Quality: hidden 64 (4 heads x 16), 4 blocks (0.29 M parameters, 1.1 MB:
     small enough to ship and to train on a CPU). Speed: hidden 384 (6 x 64), 8 blocks: the compute of a real
     attention-bound video step at 16k+ tokens.
@@ -100,9 +100,11 @@ def transformer_config(tier: str = "quality") -> dict[str, Any]:
     (1, 4, 4) patch would keep 48 tokens on the 4x latents, but its embedding maps each token's 4 x 4 x 8 = 128
     inputs to the 64 hidden channels, so half of every noisy token is invisible to the model and its noise cannot be
     predicted: measured on a CPU run, the flow loss stalled at 0.65 after 7 000 steps of batch 64 (the (1, 2, 2)
-    runs on 8x latents: 0.15 by 5 000) and the caption gain at 0.01 (0.13)."""
-    base = dict(patch_size=(1, 2, 2), in_channels=Z_DIM, out_channels=Z_DIM, text_dim=UMT5_DIM, freq_dim=64,
-                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    runs on 8x latents: 0.15 by 5 000) and the caption gain at 0.01 (0.13).
+
+    ``latent_channels``: the VAE's ``z_dim`` (a candidate VAE with more channels, ``scripts/wan_vae_variants.py``)."""
+    base = dict(patch_size=(1, 2, 2), in_channels=latent_channels, out_channels=latent_channels, text_dim=UMT5_DIM,
+                freq_dim=64, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
     if tier == "quality":
         return {**base, "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 192, "num_layers": 4,
                 "rope_max_seq_len": 64}
@@ -112,12 +114,12 @@ def transformer_config(tier: str = "quality") -> dict[str, Any]:
     raise ValueError(f"unknown tier {tier!r}")
 
 
-def build_transformer(tier: str = "quality", seed: int = 0):
-    """A randomly initialised ``WanTransformer3DModel`` of ``tier``."""
+def build_transformer(tier: str = "quality", seed: int = 0, latent_channels: int = Z_DIM):
+    """A randomly initialised ``WanTransformer3DModel`` of ``tier`` for latents of ``latent_channels``."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(**transformer_config(tier))
+    return WanTransformer3DModel(**transformer_config(tier, latent_channels))
 
 
 def scheduler():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from diffusion_accel.cli import main
 
 
@@ -114,3 +116,10 @@ def test_a_command_ends_the_process_group_it_ran_under(tmp_path, capsys):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / argv[0]}", rank=0, world_size=1)
         assert main(argv) == code
         assert not dist.is_initialized(), argv
+
+    from diffusion_accel.eval.cli import main as eval_main  # the `python -m diffusion_accel.eval` entry
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'eval'}", rank=0, world_size=1)
+    with pytest.raises(SystemExit, match="--set needs exactly one --method"):
+        eval_main(["--pipeline", "tiny:sd", "--out", str(tmp_path / "e"), "--set", "a=1"])
+    assert not dist.is_initialized()
