@@ -4,6 +4,7 @@ sparse attention needs, and ``diffusion-accel testbed eval wan`` prints the vide
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,30 @@ def test_fresh_vae_settings_are_refused_with_init_from(tmp_path):
         with pytest.raises(ValueError, match=f"{next(iter(fresh))} shape a fresh VAE.*drop them or drop init_from"):
             train_wan_vae(out, init_from=tmp_path, **fresh)
     assert not out.exists()
+
+
+def test_the_16_channel_candidate_vae_drives_a_wan_pipeline_with_a_transformer_for_its_latents():
+    """``scripts/wan_vae_variants.py --variant 8x-z16``: 16 latent channels at 8x; ``build_transformer`` sized by
+    ``latent_channels`` (what ``train_wan_transformer`` passes from the VAE's ``z_dim``) samples 16-channel latents
+    and the VAE decodes them; the default transformer (8 channels) cannot take them."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "wan_vae_variants.py"
+    spec = importlib.util.spec_from_file_location("wan_vae_variants", script)
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    compression, overrides = variants.VARIANTS["8x-z16"]
+    vae = wan.build_vae(seed=0, spatial_compression=compression, **overrides).eval()
+    assert vae.config.z_dim == 16
+    transformer = wan.build_transformer("quality", latent_channels=vae.config.z_dim).eval()
+    assert (transformer.config.in_channels, transformer.config.out_channels) == (16, 16)
+    pipe = wan.assemble(transformer, vae)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    latents = pipe("a red circle moving left", num_inference_steps=2, output_type="latent", generator=generator).frames
+    assert latents.shape == (1, 16, 3, 8, 8)
+    with torch.no_grad():
+        assert pipe.vae.decode(latents).sample.shape == (1, 3, 9, 64, 64)
+    with pytest.raises(RuntimeError):  # 8-channel latents reach a 16-channel decoder
+        wan.assemble(wan.build_transformer("quality").eval(), vae)("a red circle moving left", num_inference_steps=1,
+                                                                    output_type="np")
