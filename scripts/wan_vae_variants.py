@@ -9,6 +9,7 @@ the video judge's adherence on 64 validation clips (``train_wan.vae_reconstructi
     python scripts/wan_vae_variants.py --variant 8x-wide-decoder --out runs/wan-vae-8x-wide  # decoder width 16
     python scripts/wan_vae_variants.py --variant 4x --out runs/wan-vae-4x                    # 3x16x16 latents
     python scripts/wan_vae_variants.py --variant 8x-z16 --out runs/wan-vae-8x-z16            # 3x8x8, 16 channels
+    python scripts/wan_vae_variants.py --variant 4x-z4 --out runs/wan-vae-4x-z4              # 3x16x16, 4 channels
     python scripts/wan_vae_variants.py --init-from runs/wan-vae-4x --minutes 48 --seed 1 --out runs/wan-vae-4x-b
     python scripts/wan_vae_variants.py --init-from runs/wan4x-vae --decoder-only --minutes 90 --out runs/wan4x-decoder
 
@@ -23,7 +24,8 @@ import json
 
 #: Architecture of each fresh variant: (spatial compression, config keys replaced).
 VARIANTS = {"8x": (8, {}), "8x-wide-decoder": (8, {"decoder_base_dim": 16}), "4x": (4, {}),
-            "8x-z16": (8, {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16})}
+            "8x-z16": (8, {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}),
+            "4x-z4": (4, {"z_dim": 4, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,8 @@ def add_testbed_parser(subparsers: Any) -> None:
                          "vae, pixart, flow: the saved model one stage continues")
     tr.add_argument("--recipe", default=None, choices=RECIPE_CHOICES,
                     help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "
-                         "wan ~45 min, on 2 cores; default without a GPU); wan also 'shipped-4x' / 'cpu-4x' (the 4x "
+                         "wan ~45 min, on 2 cores; default without a GPU); wan also 'cpu-long' (~2.3 h: the 8x VAE "
+                         "and the transformer sized to reach the VAE's ceiling) and 'shipped-4x' / 'cpu-4x' (the 4x "
                          "VAE, then its transformer and a decoder continuation side by side; cpu-4x: 2.25 h on 2 "
                          "cores)")
     tr.set_defaults(func=cmd_train)

@@ -19,7 +19,7 @@ from typing import Any
 #: ``--recipe`` values of both CLIs (this module's and ``diffusion-accel testbed train``): the names of
 #: :data:`PIPELINE_RECIPES` and of ``train_wan.WAN_RECIPES`` (kept here so parsing a command imports no torch; a
 #: test checks they match).
-RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "shipped-4x", "cpu-4x")
+RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "cpu-long", "shipped-4x", "cpu-4x")
 
 TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
                                  "wan-decoder")

@@ -13,8 +13,8 @@
 * Decoder fine-tuning (:func:`train_wan_decoder`, :data:`WAN_DECODER_RECIPE`): the same VAE loss with the encoder,
   ``quant_conv`` and the latent statistics frozen, so every network trained in the latent space stays valid.
 
-:data:`WAN_RECIPES` holds the GPU recipe (``shipped``), the one sized for a 2-core CPU (``cpu``) and the 4x-VAE chain
-on either (``shipped-4x``, ``cpu-4x``).
+:data:`WAN_RECIPES` holds the GPU recipe (``shipped``), two sized for a 2-core CPU (``cpu``, 31 min; ``cpu-long``,
+~2.3 h, stages sized to reach the 8x VAE's ceiling) and the 4x-VAE chain on either (``shipped-4x``, ``cpu-4x``).
 """
 
 from __future__ import annotations
@@ -45,15 +45,20 @@ CAPTION_DROPOUT = 0.1
 FOREGROUND_WEIGHT = 20.0
 
 #: Stages per recipe. ``shipped``: sized for ~10 min on one H100/H200 (VAE ~3 min, transformer ~6 min; both models
-#: are tiny, so the batch, not the GPU, is the limit; the VAE draws its clips in the main process, ~50 ms per batch
-#: of 32, so its 3 minutes will likely end near 2 000 steps, not 6 000; untested: no GPU was available). ``cpu``:
-#: ~31 min on 1 thread of 2 shared cores (VAE 12, encoding the clips ~2.5, transformer 16), what
-#: ``assets/testbed-wan`` was trained with (see its ``train_metrics.json``).
+#: are tiny, so the batch, not the GPU, is the limit); ``assets/testbed-wan`` came from it cut to 4 minutes (its
+#: ``train_metrics.json``: the VAE reached 421 steps in 1.5 min). ``cpu``: ~31 min on 1 thread of 2 shared cores
+#: (VAE 12, encoding the clips ~2.5, transformer 16); it learns colour only. ``cpu-long``: ~2.3 h on 2 cores, each
+#: stage sized by a CPU run that reached its ceiling: the 8x VAE with a narrow posterior (40 min: reconstructions
+#: 100 / 31.2 / 100 % on colour / shape / direction, ``wan_vae_cpu_variants/8x.json``) and the transformer on 30 000
+#: clips (85 min, 34 357 steps, one thread, on the shipped VAE's latents: generated clips 100 / 31.2 / 100 %, the
+#: VAE's ceiling on every attribute, ``wan_cpu_long/``); the chain as a whole has not been run.
 WAN_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "shipped": {"vae": {"steps": 6000, "batch_size": 32, "lr": 1e-3, "minutes": 3.0},
                 "transformer": {"steps": 40000, "batch_size": 512, "lr": 8e-4, "num_train": 60000, "minutes": 6.0}},
     "cpu": {"vae": {"steps": 100000, "batch_size": 4, "lr": 1e-3, "minutes": 12.0},
             "transformer": {"steps": 100000, "batch_size": 64, "lr": 8e-4, "num_train": 6000, "minutes": 16.0}},
+    "cpu-long": {"vae": {"steps": 10**6, "batch_size": 8, "lr": 1e-3, "minutes": 40.0, "logvar_init": -10.0},
+                 "transformer": {"steps": 10**6, "batch_size": 64, "lr": 8e-4, "num_train": 30000, "minutes": 85.0}},
     "shipped-4x": {"vae": {"steps": 10**6, "batch_size": 32, "lr": 1e-3, "minutes": 4.0, "spatial_compression": 4,
                            "logvar_init": -10.0},
                    "transformer": {"steps": 40000, "batch_size": 512, "lr": 8e-4, "num_train": 60000, "minutes": 5.0},

@@ -130,6 +130,23 @@ def test_cpu_4x_recipe_chains_vae_transformer_and_decoder(tmp_path, monkeypatch)
     assert metrics["vae_psnr"] == 1.0 and metrics["decoder_psnr"] == 1.0 and metrics["recipe"] == "cpu-4x"
 
 
+
+def test_cpu_long_recipe_trains_the_8x_vae_narrow_then_the_transformer_on_30000_clips(tmp_path, monkeypatch):
+    """``cpu-long``: the stages the CPU runs sized (README, "The video testbed"): a fresh 8x VAE with a narrow
+    posterior, then the transformer on its latents in turn (no decoder stage, nothing run side by side)."""
+    from diffusion_accel.pipelines.testbed import train_wan
+
+    calls = []
+    monkeypatch.setattr(train_wan, "train_wan_vae", lambda out, seed=0, **stage: calls.append(("vae", stage)) or {})
+    monkeypatch.setattr(train_wan, "train_wan_transformer",
+                        lambda out, vae_path, seed=0, **stage: calls.append(("transformer", stage)) or {})
+    monkeypatch.setattr(train_wan, "run_side_by_side", lambda *a, **k: pytest.fail("cpu-long runs its stages in turn"))
+    monkeypatch.setattr(train_wan, "report_metrics", lambda name, out, metrics, *a: metrics)
+    train_wan.train_wan_recipe(tmp_path / "wan", recipe="cpu-long")
+    (_, vae), (_, transformer) = calls
+    assert vae.get("spatial_compression", 8) == 8 and vae["logvar_init"] < -5 and vae["minutes"] == 40.0
+    assert transformer["num_train"] == 30000 and transformer["minutes"] == 85.0
+
 def test_minutes_are_the_wall_clock_of_the_chain():
     """``--minutes`` caps the command's wall clock: the side-by-side stages share it, the ones run in turn add up;
     a VAE given by ``vae_path`` (no ``vae`` stage) takes no share."""
