@@ -224,11 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if "torch" in sys.modules:  # only a command that imported torch can have started a process group
-            from .distributed import end_process_group
+    finally:  # see end_process_group: a sharded run's ranks must not leave gloo to interpreter shutdown
+        from .distributed import end_process_group
 
-            end_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

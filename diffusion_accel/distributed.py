@@ -30,7 +30,11 @@ def end_process_group() -> None:
     launch`` / ``torchrun``). Left to interpreter shutdown, gloo's worker threads can be torn down while still
     joinable: the process then aborts with "terminate called without an active exception" after its work is done,
     and the launcher kills the other ranks (seen on a non-main bench process, which exits while the main one is
-    still timing)."""
+    still timing). A process that never imported torch cannot have one, and is not made to import it here."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
     import torch.distributed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -24,8 +24,7 @@ import json
 
 #: Architecture of each fresh variant: (spatial compression, config keys replaced).
 VARIANTS = {"8x": (8, {}), "8x-wide-decoder": (8, {"decoder_base_dim": 16}), "4x": (4, {}),
-            "8x-z16": (8, {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}),
-            "4x-z4": (4, {"z_dim": 4, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})}
+            "8x-z16": (8, {"z_dim": 16}), "4x-z4": (4, {"z_dim": 4})}
 
 
 def main(argv: list[str] | None = None) -> int:

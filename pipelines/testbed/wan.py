@@ -63,10 +63,11 @@ def build_umt5(seed: int = 0, d_model: int = UMT5_DIM, num_layers: int = 2):
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def vae_config(spatial_compression: int = 8) -> dict[str, Any]:
+def vae_config(spatial_compression: int = 8, z_dim: int = Z_DIM) -> dict[str, Any]:
     """A 4-level ``AutoencoderKLWan``: 9x64x64x3 ↔ 3x8x8x8 (``Z_DIM`` channels), the real 8x / 4x compression, at
     base width 8 (0.18 M parameters, 0.7 MB: the shipped assets must stay small).
-    ``latents_mean`` / ``latents_std`` start at 0 / 1; training replaces them with the measured statistics.
+    ``latents_mean`` / ``latents_std`` start at 0 / 1 (``z_dim`` entries); training replaces them with the measured
+    statistics. ``z_dim``: latent channels (``scripts/wan_vae_variants.py`` tries 16 at 8x and 4 at 4x).
 
     ``spatial_compression=4``: one spatial downsampling fewer (3 levels, 9x64x64x3 ↔ 3x16x16x8, 0.17 M parameters;
     ``scale_factor_spatial`` tells ``WanPipeline``; 192 transformer tokens, :func:`transformer_config`). At 8x a
@@ -77,17 +78,17 @@ def vae_config(spatial_compression: int = 8) -> dict[str, Any]:
         raise ValueError(f"spatial_compression must be 4 or 8, got {spatial_compression}")
     levels = dict(dim_mult=[1, 1, 2, 2], temperal_downsample=[False, True, True]) if spatial_compression == 8 else \
         dict(dim_mult=[1, 2, 2], temperal_downsample=[True, True], scale_factor_spatial=4)
-    return dict(base_dim=8, z_dim=Z_DIM, num_res_blocks=1, attn_scales=[], latents_mean=[0.0] * Z_DIM,
-                latents_std=[1.0] * Z_DIM, **levels)
+    return dict(base_dim=8, z_dim=z_dim, num_res_blocks=1, attn_scales=[], latents_mean=[0.0] * z_dim,
+                latents_std=[1.0] * z_dim, **levels)
 
 
-def build_vae(seed: int = 0, spatial_compression: int = 8, **overrides: Any):
+def build_vae(seed: int = 0, spatial_compression: int = 8, z_dim: int = Z_DIM, **overrides: Any):
     """A fresh ``AutoencoderKLWan`` with :func:`vae_config`, ``overrides`` replacing its keys (e.g.
     ``decoder_base_dim``)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return AutoencoderKLWan(**{**vae_config(spatial_compression), **overrides})
+    return AutoencoderKLWan(**{**vae_config(spatial_compression, z_dim), **overrides})
 
 
 # ------------------------------------------------------------------------------------------------ transformer

@@ -130,7 +130,6 @@ def test_cpu_4x_recipe_chains_vae_transformer_and_decoder(tmp_path, monkeypatch)
     assert metrics["vae_psnr"] == 1.0 and metrics["decoder_psnr"] == 1.0 and metrics["recipe"] == "cpu-4x"
 
 
-
 def test_cpu_long_recipe_trains_the_8x_vae_narrow_then_the_transformer_on_30000_clips(tmp_path, monkeypatch):
     """``cpu-long``: the stages the CPU runs sized (README, "The video testbed"): a fresh 8x VAE with a narrow
     posterior, then the transformer on its latents in turn (no decoder stage, nothing run side by side)."""
@@ -146,6 +145,7 @@ def test_cpu_long_recipe_trains_the_8x_vae_narrow_then_the_transformer_on_30000_
     (_, vae), (_, transformer) = calls
     assert vae.get("spatial_compression", 8) == 8 and vae["logvar_init"] < -5 and vae["minutes"] == 40.0
     assert transformer["num_train"] == 30000 and transformer["minutes"] == 85.0
+
 
 def test_minutes_are_the_wall_clock_of_the_chain():
     """``--minutes`` caps the command's wall clock: the side-by-side stages share it, the ones run in turn add up;
