@@ -176,7 +176,8 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
                   batch_size: int = 4, lr: float = 1e-3, kl_weight: float = 1e-5, num_train: int = 200_000,
                   init_from: str | Path | None = None, decoder_only: bool = False,
                   logvar_init: float | None = None, spatial_compression: int = 8,
-                  vae_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  vae_overrides: dict[str, Any] | None = None, adversarial_weight: float = 0.0,
+                  disc_lr: float = 2e-4) -> dict[str, Any]:
     """Train the testbed ``AutoencoderKLWan`` on fresh clips (index drawn from ``num_train``), set its latent
     statistics and ``save_pretrained`` it to ``output_dir``. ``init_from``: a saved VAE folder to continue from;
     ``decoder_only``: keep its encoder and ``quant_conv`` frozen (encoded without gradients) and its
@@ -185,7 +186,9 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     transformer was trained on and generates (the posterior's noise is as wide as the means' spread on several
     channels of the shipped VAE, and a decoder trained on samples of it draws every shape round).
     ``logvar_init``: a fresh VAE's posterior starts narrow (:func:`start_posterior_narrow`); ``spatial_compression``
-    and ``vae_overrides``: a fresh VAE's 8x or 4x and other config keys (:func:`.wan.build_vae`)."""
+    and ``vae_overrides``: a fresh VAE's 8x or 4x and other config keys (:func:`.wan.build_vae`).
+    ``adversarial_weight`` > 0: add a patch discriminator's hinge term (:mod:`.adversarial`), weighted by that factor
+    times VQGAN's adaptive λ, the discriminator trained at ``disc_lr``; 0 trains the plain L1 + L2 + KL VAE."""
     from .video_data import make_clip
     from .wan import build_vae
 
@@ -217,6 +220,7 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     budget = Budget(steps, minutes)
     sched = budget.lr_scheduler(opt, warmup=50, floor=0.05)
     vae, opt = accelerator.prepare(vae, opt)
+    adversary = Adversary(accelerator, disc_lr, seed) if adversarial_weight > 0 else None
     rng = np.random.default_rng(seed)
     vae.train()
     running = []
@@ -232,14 +236,18 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
         weights = foreground_weights(x)
         error = rec - x
         loss = ((weights * (error.abs() + error ** 2)).sum() / (weights.sum() * x.shape[1])) + kl_weight * kl
+        if adversary is not None:
+            loss = loss + adversarial_weight * adversary.decoder_term(loss, rec, model.decoder.conv_out.weight)
         optimizer_step(accelerator, vae, opt, sched, loss, clip_norm=1.0)
+        if adversary is not None:
+            adversary.step(x, rec)
         ema.update(model, step)
         running.append(torch.stack([loss.detach(), error.abs().mul(weights > 1).sum() / (weights > 1).sum().clamp(min=1)
                                     / x.shape[1]]))
         if step % 50 == 0:
             mean_loss, object_l1 = torch.stack(running).mean(0).tolist()
             log(f"wan vae step {step} loss {mean_loss:.4f} object L1 {object_l1:.3f} kl {kl.item():.3f} "
-                f"({budget.elapsed_min():.1f} min)")
+                f"{'' if adversary is None else adversary.describe()}({budget.elapsed_min():.1f} min)")
             running = []
     vae = ema.model.eval()
     if not decoder_only:  # a frozen encoder keeps the normalisation the transformer was trained with
@@ -250,9 +258,50 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     metrics = {"train_minutes": budget.elapsed_min(), "steps": step + 1, "batch_size": batch_size, "lr": lr,
                "decoder_only": decoder_only, "init_from": None if init_from is None else str(init_from),
                "logvar_init": logvar_init, "spatial_compression": vae.config.scale_factor_spatial,
+               "adversarial_weight": adversarial_weight,
                "device": str(accelerator.device), **vae_reconstruction_metrics(vae)}
     vae.to("cpu").save_pretrained(output_dir)
     return report_metrics("wan vae", output_dir, metrics)
+
+
+class Adversary:
+    """The discriminator side of adversarial VAE training: its network, optimiser and last losses."""
+
+    def __init__(self, accelerator, lr: float, seed: int):
+        from .adversarial import PatchDiscriminator
+
+        self.accelerator = accelerator
+        with torch.random.fork_rng():  # its own initialisation, leaving the VAE's random stream as it was
+            torch.manual_seed(seed + 1)
+            disc = PatchDiscriminator().to(accelerator.device)
+        opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.disc, self.opt = accelerator.prepare(disc, opt)
+        self.last = {"d": float("nan"), "g": float("nan"), "lambda": float("nan")}
+
+    def decoder_term(self, reconstruction_loss: torch.Tensor, rec: torch.Tensor,
+                     last_layer: torch.Tensor) -> torch.Tensor:
+        """``λ · (−E[D(x̂)])`` with VQGAN's adaptive λ; the discriminator's own weights get no gradient from it."""
+        from .adversarial import adaptive_weight, generator_loss
+
+        self.disc.requires_grad_(False)
+        g = generator_loss(self.disc(rec))
+        self.disc.requires_grad_(True)
+        lam = adaptive_weight(reconstruction_loss, g, last_layer)
+        self.last.update(g=g.item(), **{"lambda": lam.item()})
+        return lam * g
+
+    def step(self, real: torch.Tensor, rec: torch.Tensor) -> None:
+        """One hinge update of the discriminator on this step's real clips and (detached) reconstructions."""
+        from .adversarial import discriminator_hinge_loss
+
+        loss = discriminator_hinge_loss(self.disc(real), self.disc(rec.detach()))
+        self.opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.opt.step()
+        self.last["d"] = loss.item()
+
+    def describe(self) -> str:
+        return f"D {self.last['d']:.3f} G {self.last['g']:.3f} λ {self.last['lambda']:.3g} "
 
 
 def train_wan_decoder(output_dir: str | Path, init_from: str | Path | None = None, seed: int = 0,
