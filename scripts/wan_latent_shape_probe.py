@@ -26,7 +26,7 @@ import torch.nn.functional as F
 def encoded_shapes(vae, split: str, count: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised posterior means ``[count, Z, 3, h, w]`` (as the transformer sees them) and shape labels."""
     from diffusion_accel.pipelines.testbed.shapes import SHAPES
-    from diffusion_accel.pipelines.testbed.train_wan import encode_clips
+    from diffusion_accel.pipelines.testbed.train_wan import encode_clips, normalise_latents
     from diffusion_accel.pipelines.testbed.video_data import make_clips
 
     latents, labels = [], []
@@ -34,14 +34,7 @@ def encoded_shapes(vae, split: str, count: int, batch: int = 256) -> tuple[torch
         frames, clips = make_clips(split, start, min(batch, count - start))
         latents.append(encode_clips(vae, frames))
         labels += [SHAPES.index(c.shape) for c in clips]
-    return normalise(vae, torch.cat(latents)), torch.tensor(labels)
-
-
-def normalise(vae, latents: torch.Tensor) -> torch.Tensor:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape)
-    std = torch.tensor(vae.config.latents_std).view(shape)
-    return (latents - mean) / std
+    return normalise_latents(vae, torch.cat(latents)), torch.tensor(labels)
 
 
 def train_probe(latents: torch.Tensor, labels: torch.Tensor, epochs: int = 25, width: int = 96,

@@ -139,6 +139,15 @@ def encode_clips(vae, frames: np.ndarray, batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def normalise_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Posterior means ``[N, Z, T, h, w]`` → the normalised latents the transformer is trained on and generates
+    (``(z - latents_mean) / latents_std`` per channel, the inverse of what ``WanPipeline`` does before decoding)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+    return (latents - mean) / std
+
+
 @torch.no_grad()
 def vae_reconstruction_metrics(vae, count: int = 64) -> dict[str, Any]:
     """PSNR of reconstructions of validation clips, shapes-net's per-frame accuracy on them and the video judge's
@@ -327,11 +336,7 @@ class WanFlowObjective:
     def __init__(self, pipe, captions: list[str], latents: torch.Tensor):
         from .wan import UMT5_MAX_LENGTH
 
-        vae = pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
-        std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
-        self.x0 = (latents - mean) / std
+        self.x0 = normalise_latents(pipe.vae, latents)
         with torch.no_grad():
             self.embeds = torch.cat([
                 pipe.encode_prompt(captions[i:i + 256], do_classifier_free_guidance=False, device=latents.device,
