@@ -10,7 +10,7 @@ from typing import Any
 from .train import RECIPE_CHOICES, TRAIN_NAMES
 
 #: The models whose training can continue from a saved one (``--init-from``).
-INIT_FROM_NAMES = ("vae", "pixart", "flow", "wan-decoder")
+INIT_FROM_NAMES = ("vae", "pixart", "flow", "wan-decoder", "wan-shape-decoder")
 
 
 def _default_output(name: str) -> Path:
@@ -18,8 +18,8 @@ def _default_output(name: str) -> Path:
 
     if name == "resshift-vae":  # not an asset of its own: `students <run> resshift --vae <it>` ships it
         return Path("runs/sr/resshift-vae")
-    if name == "wan-decoder":  # a candidate for assets/testbed-wan/vae, compared with `testbed eval wan` first
-        return Path("runs/wan/vae-decoder")
+    if name in ("wan-decoder", "wan-shape-decoder"):  # candidates for assets/testbed-wan/vae, `testbed eval wan` first
+        return Path("runs/wan") / name.replace("wan-", "vae-")
     return assets_root() / (name if name in ("shapes-net", "shapes-judge") else f"testbed-{name}")
 
 
@@ -86,18 +86,20 @@ def add_testbed_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
     tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, resshift-vae, pixart, "
-                                              "flow, wan, wan-decoder)")
+                                              "flow, wan, wan-decoder, wan-shape-decoder)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder; "
-                                                   "resshift-vae: runs/sr/resshift-vae; wan-decoder: "
-                                                   "runs/wan/vae-decoder)")
+                                                   "resshift-vae: runs/sr/resshift-vae; wan-decoder, "
+                                                   "wan-shape-decoder: runs/wan/vae-decoder, "
+                                                   "runs/wan/vae-shape-decoder)")
     tr.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap of the whole training command (a VAE trained on the way gets at most a "
                          "third; the final evaluation is not counted)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--vae-path", default=None, help="pipelines: a trained VAE folder (default: train one)")
     tr.add_argument("--init-from", "--init_from", dest="init_from", default=None,
-                    help="wan-decoder: the VAE whose decoder is fine-tuned (default: the shipped testbed-wan's); "
+                    help="wan-decoder, wan-shape-decoder: the VAE whose decoder is fine-tuned (default: the shipped "
+                         "testbed-wan's); "
                          "vae, pixart, flow: the saved model one stage continues")
     tr.add_argument("--recipe", default=None, choices=RECIPE_CHOICES,
                     help="pixart/flow/wan: 'shipped' (the GPU stages; default on a GPU) or 'cpu' (sized for ~1 h, "

@@ -5,7 +5,9 @@ shared AutoencoderKL), ``"resshift-vae"`` (its decoder fine-tuned further for ``
 ``"pixart"`` and ``"flow"`` (the two pipelines; they need the VAE, trained first into
 ``<output_dir>/../testbed-vae`` unless ``vae_path`` is given), ``"wan"`` (the video testbed with its own
 ``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`),
-``"wan-decoder"`` (that VAE's decoder fine-tuned, encoder frozen: ``WAN_DECODER_RECIPE``).
+``"wan-decoder"`` (that VAE's decoder fine-tuned, encoder frozen: ``WAN_DECODER_RECIPE``), ``"wan-shape-decoder"``
+(the shipped decoder fine-tuned on first frames and clip prefixes until it draws the shapes:
+``WAN_SHAPE_DECODER_RECIPE``).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "cpu-long", "shipped-4x", "cpu-4x")
 
 TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
-                                 "wan-decoder")
+                                 "wan-decoder", "wan-shape-decoder")
 
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
@@ -59,13 +61,15 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
 
         return train_wan_recipe(output_dir, recipe=kwargs.pop("recipe", None) or default_recipe(), seed=seed,
                                 minutes=minutes, **kwargs)
-    if name == "wan-decoder":
-        from .train_wan import train_wan_decoder
+    if name in ("wan-decoder", "wan-shape-decoder"):
+        from .train_wan import WAN_DECODER_RECIPE, WAN_SHAPE_DECODER_RECIPE, train_wan_decoder
 
+        recipe = "WAN_DECODER_RECIPE" if name == "wan-decoder" else "WAN_SHAPE_DECODER_RECIPE"
         unknown = set(kwargs) - {"init_from"}
         if unknown:
-            raise ValueError(f"wan-decoder runs WAN_DECODER_RECIPE; {', '.join(sorted(unknown))} cannot be set.")
-        return train_wan_decoder(output_dir, seed=seed, minutes=minutes, **kwargs)
+            raise ValueError(f"{name} runs {recipe}; {', '.join(sorted(unknown))} cannot be set.")
+        stages = WAN_DECODER_RECIPE if name == "wan-decoder" else WAN_SHAPE_DECODER_RECIPE
+        return train_wan_decoder(output_dir, seed=seed, minutes=minutes, stages=stages, **kwargs)
     if name in ("pixart", "flow"):
         from .train_diffusion import train_pipeline
 
