@@ -26,6 +26,11 @@ RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "cpu-long", "shipped-4x", "
 TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
                                  "wan-decoder", "wan-shape-decoder")
 
+#: The decoder-only fine-tunes of the Wan VAE by name: the ``train_wan`` recipe (a module attribute, read when run)
+#: each one runs.
+WAN_DECODER_RECIPES: dict[str, str] = {"wan-decoder": "WAN_DECODER_RECIPE",
+                                       "wan-shape-decoder": "WAN_SHAPE_DECODER_RECIPE"}
+
 
 def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | None = None, **kwargs: Any) -> dict:
     """Train testbed model ``name`` into ``output_dir`` and return its metrics.
@@ -61,15 +66,15 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
 
         return train_wan_recipe(output_dir, recipe=kwargs.pop("recipe", None) or default_recipe(), seed=seed,
                                 minutes=minutes, **kwargs)
-    if name in ("wan-decoder", "wan-shape-decoder"):
-        from .train_wan import WAN_DECODER_RECIPE, WAN_SHAPE_DECODER_RECIPE, train_wan_decoder
+    if name in WAN_DECODER_RECIPES:
+        from . import train_wan
 
-        recipe = "WAN_DECODER_RECIPE" if name == "wan-decoder" else "WAN_SHAPE_DECODER_RECIPE"
+        recipe = WAN_DECODER_RECIPES[name]
         unknown = set(kwargs) - {"init_from"}
         if unknown:
             raise ValueError(f"{name} runs {recipe}; {', '.join(sorted(unknown))} cannot be set.")
-        stages = WAN_DECODER_RECIPE if name == "wan-decoder" else WAN_SHAPE_DECODER_RECIPE
-        return train_wan_decoder(output_dir, seed=seed, minutes=minutes, stages=stages, **kwargs)
+        return train_wan.train_wan_decoder(output_dir, seed=seed, minutes=minutes, stages=getattr(train_wan, recipe),
+                                           **kwargs)
     if name in ("pixart", "flow"):
         from .train_diffusion import train_pipeline
 

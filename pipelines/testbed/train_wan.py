@@ -239,11 +239,10 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     from .video_data import make_clip
     from .wan import build_vae
 
-    if clip_schedule is not None and batch_size is not None:
+    whole_clips = clip_schedule is None
+    if not whole_clips and batch_size is not None:
         raise ValueError("clip_schedule sets each step's batch size; drop batch_size or drop clip_schedule.")
-    if clip_schedule is None:
-        clip_schedule = ((NUM_FRAMES, batch_size or 4),)
-    clip_schedule = check_clip_schedule(clip_schedule)
+    clip_schedule = check_clip_schedule(((NUM_FRAMES, batch_size or 4),) if whole_clips else clip_schedule)
 
     fresh_only = {"logvar_init": logvar_init is not None, "spatial_compression": spatial_compression != 8,
                   "vae_overrides": bool(vae_overrides)}
@@ -310,9 +309,9 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
         z = encode_clips(vae, frames)
         mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
         vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
-    metrics = {"train_minutes": budget.elapsed_min(), "steps": step + 1,
-               **({"batch_size": clip_schedule[0][1]} if len(clip_schedule) == 1 and clip_schedule[0][0] == NUM_FRAMES
-                  else {"clip_schedule": [list(pair) for pair in clip_schedule]}), "lr": lr,
+    batches = ({"batch_size": clip_schedule[0][1]} if whole_clips
+               else {"clip_schedule": [list(pair) for pair in clip_schedule]})
+    metrics = {"train_minutes": budget.elapsed_min(), "steps": step + 1, **batches, "lr": lr,
                "decoder_only": decoder_only, "init_from": None if init_from is None else str(init_from),
                "logvar_init": logvar_init, "spatial_compression": vae.config.scale_factor_spatial,
                "adversarial_weight": adversarial_weight,
