@@ -20,6 +20,8 @@ def _default_output(name: str) -> Path:
         return Path("runs/sr/resshift-vae")
     if name in ("wan-decoder", "wan-shape-decoder"):  # candidates for assets/testbed-wan/vae, `testbed eval wan` first
         return Path("runs/wan") / name.replace("wan-", "vae-")
+    if name == "wan-frame-net":  # a training aid (the decoders' perceptual term), not an asset
+        return Path("runs/wan/frame-net")
     return assets_root() / (name if name in ("shapes-net", "shapes-judge") else f"testbed-{name}")
 
 
@@ -86,12 +88,13 @@ def add_testbed_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("testbed", help="train or evaluate the shipped tiny testbed models")
     sub = p.add_subparsers(dest="testbed_command", required=True)
     tr = sub.add_parser("train", help="train a testbed model (shapes-net, shapes-judge, vae, resshift-vae, pixart, "
-                                              "flow, wan, wan-decoder, wan-shape-decoder)")
+                                              "flow, wan, wan-decoder, wan-shape-decoder, wan-frame-net)")
     tr.add_argument("name", choices=TRAIN_NAMES)
     tr.add_argument("--output", default=None, help="output folder (default: the shipped assets folder; "
                                                    "resshift-vae: runs/sr/resshift-vae; wan-decoder, "
                                                    "wan-shape-decoder: runs/wan/vae-decoder, "
-                                                   "runs/wan/vae-shape-decoder)")
+                                                   "runs/wan/vae-shape-decoder; wan-frame-net: "
+                                                   "runs/wan/frame-net)")
     tr.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap of the whole training command (a VAE trained on the way gets at most a "
                          "third; the final evaluation is not counted)")

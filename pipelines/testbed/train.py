@@ -7,7 +7,8 @@ shared AutoencoderKL), ``"resshift-vae"`` (its decoder fine-tuned further for ``
 ``AutoencoderKLWan``, trained first into ``<output_dir>-vae`` unless ``vae_path`` is given; :mod:`.train_wan`),
 ``"wan-decoder"`` (that VAE's decoder fine-tuned, encoder frozen: ``WAN_DECODER_RECIPE``), ``"wan-shape-decoder"``
 (the shipped decoder fine-tuned on first frames and clip prefixes until it draws the shapes:
-``WAN_SHAPE_DECODER_RECIPE``).
+``WAN_SHAPE_DECODER_RECIPE``), ``"wan-frame-net"`` (the frame classifier whose features give the Wan decoders'
+perceptual term, :mod:`.perceptual`).
 Run as ``python -m diffusion_accel.pipelines.testbed.train <name> <output_dir> [--minutes M]``.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 RECIPE_CHOICES: tuple[str, ...] = ("shipped", "cpu", "cpu-long", "shipped-4x", "cpu-4x")
 
 TRAIN_NAMES: tuple[str, ...] = ("shapes-net", "shapes-judge", "vae", "resshift-vae", "pixart", "flow", "wan",
-                                 "wan-decoder", "wan-shape-decoder")
+                                 "wan-decoder", "wan-shape-decoder", "wan-frame-net")
 
 #: The decoder-only fine-tunes of the Wan VAE by name: the ``train_wan`` recipe (a module attribute, read when run)
 #: each one runs.
@@ -66,6 +67,12 @@ def train(name: str, output_dir: str | Path, seed: int = 0, minutes: float | Non
 
         return train_wan_recipe(output_dir, recipe=kwargs.pop("recipe", None) or default_recipe(), seed=seed,
                                 minutes=minutes, **kwargs)
+    if name == "wan-frame-net":
+        if minutes is not None:
+            raise ValueError("wan-frame-net trains a fixed number of steps (~10 min on one thread); drop --minutes.")
+        from .perceptual import train_frame_perceptual_net
+
+        return train_frame_perceptual_net(output_dir, seed=seed, **kwargs)
     if name in WAN_DECODER_RECIPES:
         from . import train_wan
 

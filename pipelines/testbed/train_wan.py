@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .perceptual import perceptual_distance
 from .train_common import (
     EMA,
     Budget,
@@ -221,7 +222,9 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
                   num_train: int = 200_000, init_from: str | Path | None = None, decoder_only: bool = False,
                   logvar_init: float | None = None, spatial_compression: int = 8,
                   vae_overrides: dict[str, Any] | None = None, adversarial_weight: float = 0.0,
-                  disc_lr: float = 2e-4, clip_schedule: tuple[tuple[int, int], ...] | None = None) -> dict[str, Any]:
+                  disc_lr: float = 2e-4, clip_schedule: tuple[tuple[int, int], ...] | None = None,
+                  perceptual_weight: float = 0.0, perceptual_net: str | Path | None = None,
+                  perceptual_frames: int = 1) -> dict[str, Any]:
     """Train the testbed ``AutoencoderKLWan`` on fresh clips (index drawn from ``num_train``), set its latent
     statistics and ``save_pretrained`` it to ``output_dir``. ``init_from``: a saved VAE folder to continue from;
     ``decoder_only``: keep its encoder and ``quant_conv`` frozen (encoded without gradients) and its
@@ -233,6 +236,9 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     and ``vae_overrides``: a fresh VAE's 8x or 4x and other config keys (:func:`.wan.build_vae`).
     ``adversarial_weight`` > 0: add a patch discriminator's hinge term (:mod:`.adversarial`), weighted by that factor
     times VQGAN's adaptive λ, the discriminator trained at ``disc_lr``; 0 trains the plain L1 + L2 + KL VAE.
+    ``perceptual_weight`` > 0: add that times the LPIPS-style distance (:mod:`.perceptual`) in the features of the
+    frame net saved at ``perceptual_net`` (frozen), on ``perceptual_frames`` frames of each step's clips drawn at
+    random (the net's forward and backward on every frame cost twice the decoder's step on a CPU).
     ``batch_size`` (default 4) whole clips a step, or ``clip_schedule``: the steps cycle through its
     ``(frames, batch_size)`` pairs (:func:`check_clip_schedule`), each step on the first ``frames`` frames of its
     clips; see :data:`WAN_SHAPE_DECODER_SCHEDULE` for why."""
@@ -251,6 +257,8 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
                          f"{init_from} keeps its own architecture and posterior: drop them or drop init_from.")
     setup_torch(seed)
     accelerator = make_accelerator()
+    percept = load_perceptual_net(perceptual_net, accelerator.device) if perceptual_weight > 0 else None
+    frame_gen = torch.Generator().manual_seed(seed)
     if init_from is not None:
         from diffusers import AutoencoderKLWan
 
@@ -290,6 +298,9 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
         weights = foreground_weights(x)
         error = rec - x
         loss = ((weights * (error.abs() + error ** 2)).sum() / (weights.sum() * x.shape[1])) + kl_weight * kl
+        if percept is not None:
+            picked = torch.randperm(x.shape[2], generator=frame_gen)[:perceptual_frames].to(x.device)
+            loss = loss + perceptual_weight * perceptual_distance(percept, rec[:, :, picked], x[:, :, picked])
         if adversary is not None:
             loss = loss + adversarial_weight * adversary.decoder_term(loss, rec, model.decoder.conv_out.weight)
         optimizer_step(accelerator, vae, opt, sched, loss, clip_norm=1.0)
@@ -314,10 +325,24 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     metrics = {"train_minutes": budget.elapsed_min(), "steps": step + 1, **batches, "lr": lr,
                "decoder_only": decoder_only, "init_from": None if init_from is None else str(init_from),
                "logvar_init": logvar_init, "spatial_compression": vae.config.scale_factor_spatial,
-               "adversarial_weight": adversarial_weight,
+               "adversarial_weight": adversarial_weight, "perceptual_weight": perceptual_weight,
+               "perceptual_net": None if percept is None else str(perceptual_net),
+               "perceptual_frames": None if percept is None else perceptual_frames,
                "device": str(accelerator.device), **vae_reconstruction_metrics(vae)}
     vae.to("cpu").save_pretrained(output_dir)
     return report_metrics("wan vae", output_dir, metrics)
+
+
+def load_perceptual_net(path: str | Path | None, device) -> Any:
+    """The frozen :class:`.perceptual.FramePerceptualNet` saved at ``path`` (train one with
+    :func:`.perceptual.train_frame_perceptual_net`)."""
+    from .perceptual import FramePerceptualNet
+
+    if path is None or not (Path(path) / "config.json").is_file():
+        raise ValueError(f"perceptual_weight > 0 needs perceptual_net, a saved FramePerceptualNet folder; {path} is "
+                         "not one. Train one with perceptual.train_frame_perceptual_net(folder).")
+    net = FramePerceptualNet.from_pretrained(str(path)).to(device).eval()
+    return net.requires_grad_(False)
 
 
 class Adversary:
