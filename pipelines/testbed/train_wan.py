@@ -238,7 +238,7 @@ def train_wan_vae(output_dir: str | Path, seed: int = 0, minutes: float | None =
     times VQGAN's adaptive λ, the discriminator trained at ``disc_lr``; 0 trains the plain L1 + L2 + KL VAE.
     ``perceptual_weight`` > 0: add that times the LPIPS-style distance (:mod:`.perceptual`) in the features of the
     frame net saved at ``perceptual_net`` (frozen), on ``perceptual_frames`` frames of each step's clips drawn at
-    random (the net's forward and backward on every frame cost twice the decoder's step on a CPU).
+    random (on every frame, the net's forward and backward made a CPU step ~5x slower; measured).
     ``batch_size`` (default 4) whole clips a step, or ``clip_schedule``: the steps cycle through its
     ``(frames, batch_size)`` pairs (:func:`check_clip_schedule`), each step on the first ``frames`` frames of its
     clips; see :data:`WAN_SHAPE_DECODER_SCHEDULE` for why."""
