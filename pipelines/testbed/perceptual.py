@@ -105,7 +105,7 @@ class _FrameBank:
         return x, self.colour[idx], self.shape[idx]
 
 
-def train_frame_perceptual_net(output_dir: str | Path, seed: int = 0, steps: int = 1500, batch_size: int = 64,
+def train_frame_perceptual_net(output_dir: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 64,
                                lr: float = 2e-3, num_clips: int = 4000) -> dict[str, Any]:
     """Train :class:`FramePerceptualNet` on single real frames of clips ``PERCEPTUAL_CLIP_START ...`` (cross-entropy
     on colour and shape, cosine LR) and ``save_pretrained`` it to ``output_dir``. Returns its accuracy on 512 frames
