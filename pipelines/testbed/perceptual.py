@@ -20,7 +20,6 @@ LPIPS (eq. 1) unit-normalises each location's features instead; :func:`perceptua
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -108,35 +107,34 @@ class _FrameBank:
 def train_frame_perceptual_net(output_dir: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 64,
                                lr: float = 2e-3, num_clips: int = 4000) -> dict[str, Any]:
     """Train :class:`FramePerceptualNet` on single real frames of clips ``PERCEPTUAL_CLIP_START ...`` (cross-entropy
-    on colour and shape, cosine LR) and ``save_pretrained`` it to ``output_dir``. Returns its accuracy on 512 frames
-    of clips it did not train on."""
-    from .train_common import log
+    on colour and shape, cosine LR without warm-up) and ``save_pretrained`` it to ``output_dir``, with its metrics:
+    its accuracy on 512 frames of clips it did not train on."""
+    from .train_common import Budget, log, make_accelerator, optimizer_step, report_metrics
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # its own initialisation, leaving the caller's random stream as it was
         torch.manual_seed(seed)
         net = FramePerceptualNet()
+    accelerator = make_accelerator()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    budget = Budget(steps, None)
+    sched = budget.lr_scheduler(opt, warmup=0, floor=0.0)
+    net, opt = accelerator.prepare(net, opt)
     rng = np.random.default_rng(seed)
     bank = _FrameBank(PERCEPTUAL_CLIP_START, num_clips)
     net.train()
-    for step in range(steps):
-        x, colour, shape = bank.batch(rng, batch_size)
+    for step in budget.steps():
+        x, colour, shape = (t.to(accelerator.device) for t in bank.batch(rng, batch_size))
         colour_logits, shape_logits = net(x)
         loss = F.cross_entropy(colour_logits, colour) + F.cross_entropy(shape_logits, shape)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(accelerator, net, opt, sched, loss)
         if step % 100 == 0:
             log(f"frame perceptual net step {step} loss {loss.item():.4f}")
-    net.eval()
+    net = accelerator.unwrap_model(net).eval()
     with torch.no_grad():
         x, colour, shape = _FrameBank(PERCEPTUAL_CLIP_START + num_clips, 64).batch(np.random.default_rng(seed), 512)
-        colour_logits, shape_logits = net(x)
-    metrics = {"colour_accuracy": float((colour_logits.argmax(1) == colour).float().mean()),
-               "shape_accuracy": float((shape_logits.argmax(1) == shape).float().mean()), "steps": steps,
+        colour_logits, shape_logits = net(x.to(accelerator.device))
+    metrics = {"colour_accuracy": float((colour_logits.argmax(1).cpu() == colour).float().mean()),
+               "shape_accuracy": float((shape_logits.argmax(1).cpu() == shape).float().mean()), "steps": steps,
                "seed": seed, "clips": [PERCEPTUAL_CLIP_START, PERCEPTUAL_CLIP_START + num_clips]}
-    net.save_pretrained(str(output_dir))
-    log(f"frame perceptual net: {metrics}")
-    return metrics
+    net.to("cpu").save_pretrained(str(output_dir))
+    return report_metrics("frame perceptual net", output_dir, metrics)
