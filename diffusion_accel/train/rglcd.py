@@ -5,7 +5,8 @@ LCD (:mod:`.lcd`) plus a reward on the student's one-step output f_θ (its x0 es
     L = L_LCD − β · mean R(f_θ, prompt),   β = ``reward_scale``
 
 * expert reward (``latent_reward`` off): R = the shapes classifier's log-likelihood of the prompt's content on the
-  VAE-decoded f_θ (the gradient flows through the decoder);
+  VAE-decoded f_θ (the gradient flows through the decoder), optionally averaged over random views of the image
+  (shifted, blurred, noised: :mod:`.reward_views`) so that textures the classifier alone responds to stop paying;
 * latent proxy reward (``latent_reward`` on): R = an LRM over latents (:mod:`.latent_reward`), trained online after
   every optimizer step to rank [f_θ, f_θ⁻, real latent] as the expert does; its reward gradient is used after
   ``rm_warmup_steps`` steps of LRM training.
@@ -23,6 +24,10 @@ import torch
 
 from .latent_reward import LatentRewardModel, pairwise_kl
 from .lcd import LCD, LCDOptions
+from .reward_views import RewardViews, draw_views, random_views
+
+#: Seeds the reward views' generator from the step's draw; apart from the noise tensors' streams (small offsets).
+VIEW_STREAM = 7_000_001
 
 
 @dataclass
@@ -38,6 +43,14 @@ class RGLCDOptions(LCDOptions):
     rm_batch_size: int = 16
     rm_warmup_steps: int = field(default=100, metadata={"help": "LRM-only steps before its gradient guides the "
                                                                 "student"})
+    reward_views: int = field(default=1, metadata={"help": "V: the expert reward is the mean over V random views "
+                                                          "of the decoded image (1 with no shift, blur or noise: "
+                                                          "the image as is)"})
+    reward_max_shift: int = field(default=0, metadata={"help": "S: each view is shifted by up to S pixels in x and "
+                                                              "y (edges replicated)"})
+    reward_blur_sigma: float = field(default=0.0, metadata={"help": "σ in pixels of each view's Gaussian blur"})
+    reward_noise_std: float = field(default=0.0, metadata={"help": "ν: Gaussian noise added to each view (image "
+                                                                  "range [-1, 1])"})
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +58,15 @@ class RGLCDOptions(LCDOptions):
             raise ValueError(f"--reward_scale must be >= 0, got {self.reward_scale}.")
         if self.rm_batch_size < 1 or self.rm_warmup_steps < 0:
             raise ValueError("--rm_batch_size must be >= 1 and --rm_warmup_steps >= 0.")
+        views = self.views  # validates the view settings
+        if self.latent_reward and not views.identity:
+            raise ValueError("the reward views (--reward_views, --reward_max_shift, --reward_blur_sigma, "
+                             "--reward_noise_std) apply to the direct expert reward; drop --latent_reward or the "
+                             "view options.")
+
+    @property
+    def views(self) -> RewardViews:
+        return RewardViews(self.reward_views, self.reward_max_shift, self.reward_blur_sigma, self.reward_noise_std)
 
 
 class RGLCD(LCD):
@@ -106,17 +128,38 @@ class RGLCD(LCD):
 
     def run_record(self) -> dict[str, Any]:
         opts: RGLCDOptions = self.options  # type: ignore[assignment]
-        return {**super().run_record(), "reward": "latent proxy (LRM)" if opts.latent_reward else "expert",
-                "reward_model": opts.reward_model or "shapes-net (shipped)"}
+        record = {**super().run_record(), "reward": "latent proxy (LRM)" if opts.latent_reward else "expert",
+                  "reward_model": opts.reward_model or "shapes-net (shipped)"}
+        if not opts.views.identity:
+            views = opts.views
+            record["reward_views"] = {"views": views.views, "max_shift": views.max_shift,
+                                      "blur_sigma": views.blur_sigma, "noise_std": views.noise_std}
+        return record
 
-    def expert_reward(self, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """The classifier's log-likelihood of each caption's content on the decoded latents (differentiable).
+    def expert_reward(self, latents: torch.Tensor, captions: list[str], views_at=None) -> torch.Tensor:
+        """The classifier's log-likelihood of each caption's content on the decoded latents (differentiable), ``[B]``;
+        with ``views_at`` (the step's :meth:`view_draws`, bound to all but the image shape) the mean over the
+        option's random views.
 
         The decoded image is clamped to the displayable range first, as RG-LCD does: otherwise the student can
         raise the reward with pixel values no saved image keeps."""
         from ..pipelines.testbed.reward import prompt_reward
 
-        return prompt_reward(self.expert, self.family.decode(latents).clamp(-1.0, 1.0), captions)
+        images = self.family.decode(latents).clamp(-1.0, 1.0)
+        draws = None if views_at is None else views_at(tuple(images.shape[1:]))
+        if draws is None:
+            return prompt_reward(self.expert, images, captions)
+        views = self.options.views  # type: ignore[attr-defined]
+        scores = prompt_reward(self.expert, random_views(images, views, draws), captions * views.views)
+        return scores.view(views.views, len(captions)).mean(0)
+
+    def view_draws(self, stream, step: int, micro: int, image_shape: tuple[int, ...]):
+        """This process's rows of the step's view draws (``None`` when the reward sees the image as is)."""
+        views = self.options.views  # type: ignore[attr-defined]
+        if views.identity:
+            return None
+        generator = torch.Generator().manual_seed(stream.draw(step, micro).noise_seed + VIEW_STREAM)
+        return draw_views(views, stream.global_batch, image_shape, generator).rows(stream.local())
 
     def loss(self, model, stream, step, micro):
         opts: RGLCDOptions = self.options  # type: ignore[assignment]
@@ -125,7 +168,8 @@ class RGLCD(LCD):
         captions = [self.captions[i] for i in pair["idx"].tolist()]
         logs = {"distill_loss": float(distill.detach())}
         if self.lrm is None:
-            reward = self.expert_reward(pair["f_online"], captions)
+            reward = self.expert_reward(pair["f_online"], captions,
+                                        lambda shape: self.view_draws(stream, step, micro, shape))
             logs["reward"] = float(reward.detach().mean())
             loss = distill - opts.reward_scale * reward.mean()
         else:
